@@ -1,0 +1,208 @@
+"""The application factory: settings, services, extensions, blueprints, errors."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC
+from typing import Any
+
+from flask import Flask, Response, jsonify, render_template, request
+from flask_babel import gettext as _
+from flask_login import LoginManager
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from redis.exceptions import RedisError
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from idp import i18n, security_headers
+from idp.accounts.models import User
+from idp.config import Settings
+from idp.services import Services
+from idp.sessions.store import RedisSessionInterface
+
+log = logging.getLogger("darbaza")
+csrf = CSRFProtect()
+login_manager = LoginManager()
+
+# Endpoints called by portal apps, not by a browser form: they answer OAuth JSON
+# errors and are not protected by the CSRF token (they authenticate the client).
+PROTOCOL_PATHS = ("/token", "/revoke", "/introspect", "/userinfo", "/.well-known/", "/jwks.json")
+
+
+def _wants_json() -> bool:
+    return request.path.startswith(PROTOCOL_PATHS)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        TESTING=settings.testing,
+        WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session
+        MAX_CONTENT_LENGTH=1024 * 1024,
+        MAX_FORM_MEMORY_SIZE=256 * 1024,
+        MAX_FORM_PARTS=200,
+        JSON_SORT_KEYS=False,
+    )
+    logging.basicConfig(level=settings.log_level)
+
+    svc = Services.build(settings)
+    app.extensions["darbaza"] = svc
+    app.session_interface = RedisSessionInterface(
+        svc.redis,
+        idle_timeout=settings.session_idle_timeout,
+        absolute_timeout=settings.session_absolute_timeout,
+        secure=settings.cookie_secure,
+    )
+    if settings.trusted_proxies:
+        # R30: only the configured number of proxies may set X-Forwarded-*.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app,
+            x_for=settings.trusted_proxies,
+            x_proto=settings.trusted_proxies,
+            x_host=settings.trusted_proxies,
+        )
+
+    csrf.init_app(app)
+    i18n.init_app(app)
+    security_headers.init_app(app, https=settings.is_https)
+
+    login_manager.init_app(app)
+    login_manager.login_view = "login.login"
+    login_manager.session_protection = None  # the session id is rotated and checked server-side
+
+    @login_manager.user_loader
+    def _load_user(user_id: str) -> User | None:
+        # STYLE 8: re-check the account on every request.
+        from flask import session
+
+        if session.get("uid") is None or str(session.get("uid")) != str(user_id):
+            return None
+        user = svc.db.session.get(User, int(user_id))
+        if user is None or not user.can_sign_in:
+            return None
+        changed = user.password_changed_at
+        if changed is not None and session.get("auth_time", 0) < changed.replace(tzinfo=UTC).timestamp() - 1:
+            return None
+        return user
+
+    from idp.login.views import bp as login_bp
+    from idp.oidc.server import build_server
+    from idp.oidc.views import bp as oidc_bp
+
+    app.extensions["darbaza_oauth"] = build_server(app, svc)
+    app.register_blueprint(login_bp)
+    app.register_blueprint(oidc_bp)
+    from idp.oidc import views as oidc_views
+
+    # Protocol endpoints authenticate the client (or are the RP's own front-channel
+    # request), they carry no form token of ours.
+    for view in (
+        oidc_views.token,
+        oidc_views.revoke,
+        oidc_views.introspect,
+        oidc_views.userinfo,
+        oidc_views.authorize,
+        oidc_views.end_session,
+    ):
+        csrf.exempt(view)
+
+    @app.teardown_appcontext
+    def _close_db(_exc: BaseException | None) -> None:
+        svc.db.remove()
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> Any:
+        checks = {}
+        try:
+            svc.db.session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except SQLAlchemyError:
+            checks["database"] = "unavailable"
+        try:
+            svc.redis.ping()
+            checks["redis"] = "ok"
+        except RedisError:
+            checks["redis"] = "unavailable"
+        ready = all(v == "ok" for v in checks.values())
+        return jsonify({"status": "ready" if ready else "unavailable", **checks}), 200 if ready else 503
+
+    _register_errors(app)
+    return app
+
+
+def _error(status: int, code: str, title: str, message: str) -> Any:
+    if _wants_json():
+        response = jsonify({"error": code, "error_description": message})
+        response.status_code = status
+        response.headers["Cache-Control"] = "no-store"
+        return response
+    try:
+        return render_template("error.html", title=title, message=message), status
+    except Exception:  # the error page itself failed: answer in plain text, never a trace
+        log.exception("error page could not be rendered")
+        return Response(f"{status} {title}\n{message}\n", status=status, mimetype="text/plain")
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(CSRFError)
+    def _csrf(_e: CSRFError) -> Any:
+        return _error(
+            400,
+            "invalid_request",
+            _("The form has expired"),
+            _("The page was open too long or was sent twice. Go back, reload it and try again."),
+        )
+
+    @app.errorhandler(HTTPException)
+    def _http(e: HTTPException) -> Any:
+        status = e.code or 500
+        if status == 405 and _wants_json():
+            return _error(405, "invalid_request", "", "This HTTP method is not allowed here.")
+        code = {400: "invalid_request", 401: "invalid_client", 404: "not_found", 413: "invalid_request"}.get(
+            status, "invalid_request" if status < 500 else "server_error"
+        )
+        titles = {
+            400: _("The request is not valid"),
+            404: _("Page not found"),
+            405: _("This action is not allowed here"),
+            413: _("The request is too large"),
+        }
+        return _error(status, code, titles.get(status, _("Something went wrong")), _("Check the address and try again."))
+
+    @app.errorhandler(RedisError)
+    def _redis_down(e: RedisError) -> Any:
+        log.error("redis unavailable: %s", e)
+        return _store_down()
+
+    @app.errorhandler(OperationalError)
+    def _db_down(e: OperationalError) -> Any:
+        log.error("database unavailable: %s", e.__class__.__name__)
+        return _store_down()
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception) -> Any:
+        # The outermost layer: log with the stack trace, answer without it.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(500, "server_error", _("Something went wrong"), _("Please try again in a minute."))
+
+
+def _store_down() -> Any:
+    response = _error(
+        503,
+        "temporarily_unavailable",
+        _("The sign-in service is temporarily unavailable"),
+        _("Please try again in a minute."),
+    )
+    if isinstance(response, tuple):
+        body, status = response
+        return body, status, {"Retry-After": "30"}
+    response.headers["Retry-After"] = "30"
+    return response

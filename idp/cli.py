@@ -1,0 +1,260 @@
+"""The ``darbaza`` command line: database, accounts, clients, keys, demo data, server."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import click
+from flask import Flask
+from flask.cli import FlaskGroup, with_appcontext
+from sqlalchemy import select
+
+from idp.accounts.models import User
+from idp.accounts.service import AccountError, create_user, ensure_roles
+from idp.oidc.clients import ClientError, create_client
+from idp.services import services
+
+
+def _create_app() -> Flask:
+    from idp.app import create_app
+
+    return create_app()
+
+
+@click.group(cls=FlaskGroup, create_app=_create_app, add_default_commands=False, add_version_option=False)
+def main() -> None:
+    """Darbaza: the school portal's sign-in service."""
+
+
+# --- db --------------------------------------------------------------------------
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@with_appcontext
+def db_upgrade() -> None:
+    """Apply migrations, seed the roles and make sure a signing key exists."""
+    from idp.migrate import upgrade
+
+    svc = services()
+    upgrade(svc.settings.database_url)
+    with svc.db.transaction() as session:
+        ensure_roles(session)
+        svc.keys.ensure_key(session)
+    click.echo("database is up to date")
+
+
+# --- users -------------------------------------------------------------------------
+@main.group()
+def users() -> None:
+    """Accounts."""
+
+
+@users.command("create")
+@click.argument("login")
+@click.option("--name", "display_name", required=True, help="Display name, e.g. 'Aigerim Tokonova'.")
+@click.option("--role", "roles", multiple=True, help="Role name; repeat for several.")
+@click.option("--email", default=None)
+@click.option("--locale", type=click.Choice(["ky", "ru", "en"]), default=None)
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@with_appcontext
+def users_create(
+    login: str, display_name: str, roles: tuple[str, ...], email: str | None, locale: str | None, password_stdin: bool
+) -> None:
+    """Create an account. Without --password-stdin a random password is generated and printed once."""
+    svc = services()
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else secrets.token_urlsafe(15)
+    try:
+        with svc.db.transaction() as session:
+            user = create_user(
+                session,
+                svc.passwords,
+                login=login,
+                display_name=display_name,
+                password=password,
+                roles=list(roles),
+                email=email,
+                locale=locale,
+            )
+            subject = user.subject
+    except AccountError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"created {login} (sub {subject})")
+    if not password_stdin:
+        click.echo(f"password: {password}")
+
+
+# --- clients -----------------------------------------------------------------------
+@main.group()
+def clients() -> None:
+    """Portal apps (OAuth clients)."""
+
+
+@clients.command("create")
+@click.argument("name")
+@click.option("--redirect-uri", "redirect_uris", multiple=True, help="Exact redirect URI; repeat for several.")
+@click.option("--post-logout-redirect-uri", "post_logout", multiple=True)
+@click.option("--grant", "grants", multiple=True, help="authorization_code, refresh_token, client_credentials.")
+@click.option("--scope", "scopes", multiple=True)
+@click.option("--public", is_flag=True, help="A public client (no secret; PKCE only).")
+@click.option("--trusted", is_flag=True, help="First-party app: skip the consent page.")
+@click.option("--client-id", default=None)
+@with_appcontext
+def clients_create(
+    name: str,
+    redirect_uris: tuple[str, ...],
+    post_logout: tuple[str, ...],
+    grants: tuple[str, ...],
+    scopes: tuple[str, ...],
+    public: bool,
+    trusted: bool,
+    client_id: str | None,
+) -> None:
+    """Register a portal app; prints its client id and (once) its secret as JSON."""
+    svc = services()
+    try:
+        with svc.db.transaction() as session:
+            client, secret = create_client(
+                session,
+                name=name,
+                redirect_uris=list(redirect_uris),
+                post_logout_redirect_uris=list(post_logout),
+                grant_types=list(grants) or None,
+                scopes=list(scopes) or None,
+                auth_method="none" if public else "client_secret_basic",
+                trusted=trusted,
+                client_id=client_id,
+            )
+            out = {"client_id": client.client_id, "client_secret": secret}
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(out))
+
+
+# --- keys --------------------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """Signing keys."""
+
+
+@keys.command("rotate")
+@with_appcontext
+def keys_rotate() -> None:
+    """Start signing with a new key; the old one stays in JWKS until its tokens expire."""
+    svc = services()
+    with svc.db.transaction() as session:
+        row = svc.keys.rotate(session)
+        kid = row.kid
+    click.echo(f"new signing key {kid}")
+
+
+# --- demo --------------------------------------------------------------------------
+DEMO_PEOPLE = [
+    ("aibek.student", "Айбек Асанов", ["student"], "ky"),
+    ("aigerim.student", "Айгерим Токтогулова", ["student"], "ky"),
+    ("daniyar.student", "Данияр Осмонов", ["student"], "ru"),
+    ("nurgul.teacher", "Нургүл Сатыбалдиева", ["teacher"], "ky"),
+    ("sergey.teacher", "Сергей Ким", ["teacher"], "ru"),
+    ("gulnara.parent", "Гулнара Асанова", ["parent"], "ky"),
+    ("bakyt.staff", "Бакыт Жумабеков", ["staff"], "ky"),
+    ("support", "Техникалык колдоо", ["tech_support"], "ky"),
+    ("security", "Маалыматтык коопсуздук", ["security_officer"], "ky"),
+    ("admin", "Мектеп администратору", ["school_admin"], "ky"),
+]
+
+
+def _passphrase() -> str:
+    words = ["alma", "too", "jyldyz", "mektep", "kitep", "kol", "shamal", "bulut", "sabak", "darbaza", "nan", "ala-too"]
+    return "-".join(secrets.choice(words) for _ in range(4)) + "-" + str(secrets.randbelow(90) + 10)
+
+
+@main.group()
+def demo() -> None:
+    """The demo school."""
+
+
+@demo.command("seed")
+@click.option("--out", "out_dir", default="var", help="Where to keep the demo logins and client secret.")
+@click.option("--demo-app-url", default="http://127.0.0.1:8001")
+@with_appcontext
+def demo_seed(out_dir: str, demo_app_url: str) -> None:
+    """Seed a demo school (people and two portal apps) once; print the demo logins every time."""
+    svc = services()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    logins_file = out / "demo-logins.txt"
+    client_file = out / "demo-client.json"
+    with svc.db.transaction() as session:
+        ensure_roles(session)
+        svc.keys.ensure_key(session)
+        seeded = session.scalar(select(User.id).where(User.login == "admin")) is not None
+        if not seeded:
+            lines = []
+            for login, name, roles, locale in DEMO_PEOPLE:
+                password = _passphrase()
+                create_user(
+                    session, svc.passwords, login=login, display_name=name, password=password, roles=roles, locale=locale
+                )
+                lines.append(f"{login:18} {password:40} {', '.join(roles)}")
+            client, secret = create_client(
+                session,
+                name="Demo portal (e-journal)",
+                client_id="demo-portal",
+                redirect_uris=[demo_app_url + "/callback"],
+                post_logout_redirect_uris=[demo_app_url + "/"],
+                grant_types=["authorization_code", "refresh_token"],
+                scopes=["openid", "profile", "email", "roles", "school", "offline_access"],
+            )
+            library, _ = create_client(
+                session,
+                name="School library",
+                client_id="school-library",
+                redirect_uris=["http://127.0.0.1:8002/callback"],
+                post_logout_redirect_uris=["http://127.0.0.1:8002/"],
+                grant_types=["authorization_code", "refresh_token"],
+                scopes=["openid", "profile", "roles"],
+                auth_method="none",
+                trusted=True,
+            )
+            fd = os.open(logins_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write("\n".join(lines) + "\n")
+            fd = os.open(client_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump({"client_id": client.client_id, "client_secret": secret, "issuer": svc.settings.issuer}, fh)
+    click.echo("Demo school logins (login, password, roles):")
+    if logins_file.exists():
+        click.echo(logins_file.read_text(encoding="utf-8"))
+    else:
+        click.echo(f"(the demo was seeded elsewhere; {logins_file} is missing)")
+
+
+# --- serve -------------------------------------------------------------------------
+@main.command("serve")
+@click.option("--bind", default="127.0.0.1:8000")
+@click.option("--workers", default=2, type=int)
+@click.option("--threads", default=4, type=int)
+def serve(bind: str, workers: int, threads: int) -> None:
+    """Serve the provider with gunicorn (idp.wsgi:app)."""
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    args = [
+        str(gunicorn),
+        "idp.wsgi:app",
+        "--bind", bind,
+        "--workers", str(workers),
+        "--threads", str(threads),
+        "--worker-class", "gthread",
+        "--access-logfile", "-",
+        "--graceful-timeout", "5",
+    ]
+    os.execv(args[0], args)  # noqa: S606 - replaces this process with gunicorn
+
+
+if __name__ == "__main__":
+    main()

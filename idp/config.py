@@ -1,0 +1,86 @@
+"""Typed settings: defaults, then ``IDP_*`` environment variables, then test overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _parse(value: str, kind: type) -> Any:
+    if kind is bool:
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    if kind is int:
+        return int(value)
+    if kind is list:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+@dataclass
+class Settings:
+    """Every setting Darbaza reads. Each field ``name`` comes from ``IDP_NAME``."""
+
+    # Public URL of the provider; it is the OIDC issuer and must not end in a slash.
+    issuer: str = "http://127.0.0.1:8000"
+    # Signs CSRF tokens and derives the key that encrypts secrets at rest.
+    secret_key: str = "dev-only-secret-change-me"
+    # Optional separate key (any string) that encrypts signing keys at rest.
+    data_key: str = ""
+    database_url: str = "sqlite:///var/darbaza.sqlite3"
+    database_pool_size: int = 10
+    redis_url: str = "redis://127.0.0.1:6380/0"
+    school_name: str = "Demo School No. 1"
+    default_locale: str = "ky"
+    # Browser session lifetimes (seconds); see ASVS 7.3 / NIST 800-63B-4 §2.2.3.
+    session_idle_timeout: int = 3600
+    session_absolute_timeout: int = 43200
+    # Token lifetimes (seconds).
+    code_lifetime: int = 60
+    access_token_lifetime: int = 600
+    id_token_lifetime: int = 600
+    refresh_token_lifetime: int = 86400 * 30
+    # How long a rotated-out signing key stays in JWKS.
+    key_retire_after: int = 3600
+    # argon2id parameters (RFC 9106 second recommended option as default).
+    argon2_time_cost: int = 3
+    argon2_memory_cost: int = 65536
+    argon2_parallelism: int = 1
+    # Number of reverse proxies in front of the app whose X-Forwarded-* are trusted (R30).
+    trusted_proxies: int = 0
+    # Force Secure cookies even over http (set false only for plain-http localhost).
+    cookie_secure: bool = True
+    log_level: str = "INFO"
+    languages: list = field(default_factory=lambda: ["ky", "ru", "en"])
+    # Extra options that only tests set.
+    testing: bool = False
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from defaults, ``IDP_*`` variables and explicit overrides."""
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get("IDP_" + f.name.upper())
+            if raw is None:
+                continue
+            kind = f.type if isinstance(f.type, type) else {"bool": bool, "int": int, "list": list}.get(
+                str(f.type), str
+            )
+            values[f.name] = _parse(raw, kind)
+        values.update(overrides)
+        settings = cls(**values)
+        settings.issuer = settings.issuer.rstrip("/")
+        if settings.issuer.startswith("http://127.0.0.1") or settings.issuer.startswith(
+            "http://localhost"
+        ):
+            # Browsers refuse Secure cookies over plain http except on localhost; we
+            # still keep the __Host- prefix semantics (Path=/, no Domain).
+            if "IDP_COOKIE_SECURE" not in environ and "cookie_secure" not in overrides:
+                settings.cookie_secure = False
+        return settings
+
+    @property
+    def is_https(self) -> bool:
+        return self.issuer.startswith("https://")

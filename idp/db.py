@@ -1,0 +1,61 @@
+"""Database engine and sessions (SQLAlchemy 2). SQLite by default, PostgreSQL too."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every Darbaza model."""
+
+
+def make_engine(url: str, pool_size: int = 10) -> Engine:
+    """Create an engine; SQLite gets WAL and a busy timeout so several processes can share it."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+class Database:
+    """Holds the engine and a scoped session factory for one application."""
+
+    def __init__(self, url: str, pool_size: int = 10) -> None:
+        self.url = url
+        self.engine = make_engine(url, pool_size)
+        self.factory = sessionmaker(bind=self.engine, expire_on_commit=False)
+        self.scoped = scoped_session(self.factory)
+
+    @property
+    def session(self) -> Session:
+        return self.scoped()
+
+    def remove(self) -> None:
+        self.scoped.remove()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A fresh session committed on success and rolled back on error."""
+        session = self.factory()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()

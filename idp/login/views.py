@@ -1,0 +1,124 @@
+"""Sign-in, sign-out, the account page and the language switcher."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, abort, redirect, render_template, request, session, url_for
+from flask_babel import gettext as _
+from flask_babel import lazy_gettext as _l
+from flask_login import current_user
+from flask_wtf import FlaskForm
+from sqlalchemy import select
+from wtforms import HiddenField, PasswordField, StringField, SubmitField
+from wtforms.validators import DataRequired, Length
+
+from idp.accounts.models import User
+from idp.i18n import LANGUAGES
+from idp.login.flow import complete_sign_in, sign_out
+from idp.services import services
+
+bp = Blueprint("login", __name__)
+log = logging.getLogger("darbaza.login")
+
+
+class LoginForm(FlaskForm):
+    flow = HiddenField()
+    next = HiddenField()
+    login = StringField(validators=[DataRequired(message=_l("Enter your login.")), Length(max=128, message=_l("At most 128 characters."))])
+    # 128 is the longest password we accept (ASVS 6.2.9 wants at least 64).
+    password = PasswordField(
+        validators=[DataRequired(message=_l("Enter your password.")), Length(max=128, message=_l("At most 128 characters."))]
+    )
+    submit = SubmitField()
+
+
+class LogoutForm(FlaskForm):
+    submit = SubmitField()
+
+
+class LanguageForm(FlaskForm):
+    lang = HiddenField(validators=[DataRequired()])
+    next = HiddenField()
+
+
+def safe_next(target: str | None) -> str | None:
+    """Only local absolute paths: R2, no open redirect through ``next``."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return None
+    if any(ch in target for ch in "\r\n\t") or len(target) > 2048:
+        return None
+    return target
+
+
+def _after_sign_in(flow: str | None, next_url: str | None) -> Any:
+    if flow:
+        return redirect(url_for("oidc.authorize_continue", flow_id=flow), code=303)
+    return redirect(safe_next(next_url) or url_for("login.account"), code=303)
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    form = LoginForm()
+    flow = request.values.get("flow") or None
+    if flow is not None and (len(flow) > 64 or not flow.replace("-", "").replace("_", "").isalnum()):
+        flow = None
+    if request.method == "GET":
+        form.flow.data = flow or ""
+        form.next.data = safe_next(request.args.get("next")) or ""
+        hint = request.args.get("login_hint", "")
+        if hint and len(hint) <= 128:
+            form.login.data = hint
+        return render_template("login.html", form=form)
+    if not form.validate_on_submit():
+        return render_template("login.html", form=form), 400
+    svc = services()
+    db = svc.db.session
+    login_name = form.login.data.strip().casefold()
+    user = db.scalar(select(User).where(User.login == login_name))
+    ok = svc.passwords.verify(user.password_hash if user else None, form.password.data)
+    if not ok or user is None:
+        log.info("account:login:failure login=%r ip=%s", login_name[:64], request.remote_addr)
+        form.password.errors.append(_("The login or password is incorrect."))
+        return render_template("login.html", form=form), 401
+    if not user.can_sign_in:
+        log.info("account:login:refused login=%r reason=locked ip=%s", login_name[:64], request.remote_addr)
+        form.password.errors.append(
+            _("This account is locked. Contact the school's technical support.")
+        )
+        return render_template("login.html", form=form), 403
+    if user.password_hash and svc.passwords.needs_rehash(user.password_hash):
+        user.password_hash = svc.passwords.hash(form.password.data)
+        db.commit()
+    complete_sign_in(user, ["pwd"])
+    log.info("account:login:success user=%s ip=%s", user.subject, request.remote_addr)
+    return _after_sign_in(form.flow.data or None, form.next.data)
+
+
+@bp.get("/")
+def account() -> Any:
+    if not current_user.is_authenticated:
+        return redirect(url_for("login.login"), code=302)
+    return render_template("account.html", user=current_user, logout_form=LogoutForm())
+
+
+@bp.post("/logout")
+def logout() -> Any:
+    form = LogoutForm()
+    if not form.validate_on_submit():
+        abort(400)
+    sign_out()
+    return render_template("logged_out.html")
+
+
+@bp.post("/lang")
+def set_language() -> Any:
+    form = LanguageForm()
+    if not form.validate_on_submit() or form.lang.data not in LANGUAGES:
+        abort(400)
+    session["lang"] = form.lang.data
+    if current_user.is_authenticated:
+        current_user.locale = form.lang.data
+        services().db.session.commit()
+    return redirect(safe_next(form.next.data) or url_for("login.account"), code=303)

@@ -1,0 +1,18 @@
+"""Every model, imported in one place for Alembic and create_all."""
+
+from idp.accounts.models import Role, User, user_roles
+from idp.db import Base
+from idp.oidc.models import AccessToken, AuthorizationCode, Client, Consent, RefreshToken, SigningKey
+
+__all__ = [
+    "AccessToken",
+    "AuthorizationCode",
+    "Base",
+    "Client",
+    "Consent",
+    "RefreshToken",
+    "Role",
+    "SigningKey",
+    "User",
+    "user_roles",
+]

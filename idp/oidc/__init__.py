@@ -1,0 +1,1 @@
+"""OpenID Connect provider: clients, codes, tokens, keys, endpoints."""

@@ -1,0 +1,34 @@
+"""Which claims a scope releases about a user (ID token and userinfo)."""
+
+from __future__ import annotations
+
+import calendar
+from typing import Any
+
+from idp.accounts.models import User
+from idp.config import Settings
+
+SCOPES_SUPPORTED = ["openid", "profile", "email", "address", "phone", "roles", "school", "offline_access"]
+CLAIMS_SUPPORTED = [
+    "sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "azp", "sid",
+    "name", "preferred_username", "locale", "email", "roles", "school",
+]
+
+
+def user_claims(user: User, scope: str, settings: Settings) -> dict[str, Any]:
+    """Claims released for ``scope``; ``sub`` is the stable random subject, never the login."""
+    scopes = set(scope.split())
+    claims: dict[str, Any] = {"sub": user.subject}
+    if "profile" in scopes:
+        claims["name"] = user.display_name
+        claims["preferred_username"] = user.login
+        claims["locale"] = user.locale or settings.default_locale
+        if user.updated_at is not None:
+            claims["updated_at"] = calendar.timegm(user.updated_at.utctimetuple())
+    if "email" in scopes and user.email:
+        claims["email"] = user.email
+    if "roles" in scopes or "profile" in scopes:
+        claims["roles"] = user.role_names
+    if "school" in scopes or "profile" in scopes:
+        claims["school"] = settings.school_name
+    return claims

@@ -1,0 +1,96 @@
+"""Registering portal apps (OAuth clients)."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from urllib.parse import urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from idp.oidc.claims import SCOPES_SUPPORTED
+from idp.oidc.models import Client, token_hash
+
+GRANT_TYPES = {"authorization_code", "refresh_token", "client_credentials"}
+AUTH_METHODS = {"client_secret_basic", "client_secret_post", "none"}
+
+
+class ClientError(ValueError):
+    """A client registration is not valid; the message says why."""
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host in {"localhost"}:
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def check_redirect_uri(uri: str) -> None:
+    """R24: https only, except http on loopback for development and native apps; no fragment."""
+    parts = urlsplit(uri)
+    if parts.fragment or "#" in uri:
+        raise ClientError(f"redirect URI must not contain a fragment: {uri}")
+    if parts.scheme == "https" and parts.netloc:
+        return
+    if parts.scheme == "http" and _is_loopback(parts.hostname):
+        return
+    raise ClientError(f"redirect URI must be https (or http on loopback): {uri}")
+
+
+def create_client(
+    session: Session,
+    *,
+    name: str,
+    redirect_uris: list[str],
+    post_logout_redirect_uris: list[str] | None = None,
+    grant_types: list[str] | None = None,
+    scopes: list[str] | None = None,
+    auth_method: str = "client_secret_basic",
+    trusted: bool = False,
+    client_id: str | None = None,
+    backchannel_logout_uri: str | None = None,
+) -> tuple[Client, str | None]:
+    """Register a client; returns it and its secret (shown once, stored hashed)."""
+    grant_types = grant_types or ["authorization_code", "refresh_token"]
+    scopes = scopes or ["openid", "profile", "email", "roles", "school", "offline_access"]
+    if not name.strip():
+        raise ClientError("name must not be empty")
+    if set(grant_types) - GRANT_TYPES:
+        raise ClientError("grant types must be among: " + ", ".join(sorted(GRANT_TYPES)))
+    if set(scopes) - set(SCOPES_SUPPORTED):
+        raise ClientError("scopes must be among: " + ", ".join(SCOPES_SUPPORTED))
+    if auth_method not in AUTH_METHODS:
+        raise ClientError("auth method must be one of: " + ", ".join(sorted(AUTH_METHODS)))
+    if auth_method == "none" and "client_credentials" in grant_types:
+        raise ClientError("a public client cannot use client_credentials")
+    if "authorization_code" in grant_types and not redirect_uris:
+        raise ClientError("the authorization code grant needs at least one redirect URI")
+    for uri in [*redirect_uris, *(post_logout_redirect_uris or [])]:
+        check_redirect_uri(uri)
+    if backchannel_logout_uri:
+        check_redirect_uri(backchannel_logout_uri)
+    client_id = client_id or secrets.token_urlsafe(16)
+    if len(client_id) > 64 or not client_id.replace("-", "").replace("_", "").isalnum():
+        raise ClientError("client id must be at most 64 letters, digits, '-' or '_'")
+    if session.scalar(select(Client.id).where(Client.client_id == client_id)) is not None:
+        raise ClientError(f"client id {client_id!r} is already registered")
+    secret = None if auth_method == "none" else secrets.token_urlsafe(32)
+    client = Client(
+        client_id=client_id,
+        secret_hash=token_hash(secret) if secret else None,
+        name=name.strip(),
+        redirect_uris=list(redirect_uris),
+        post_logout_redirect_uris=list(post_logout_redirect_uris or []),
+        grant_types=list(grant_types),
+        scopes=list(scopes),
+        token_endpoint_auth_method=auth_method,
+        trusted=trusted,
+        backchannel_logout_uri=backchannel_logout_uri,
+    )
+    session.add(client)
+    session.flush()
+    return client, secret

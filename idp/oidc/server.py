@@ -1,0 +1,333 @@
+"""The Authlib authorization server, wired once: the grants we allow, token endpoints,
+revocation, introspection and RP-initiated logout. Authlib's gaps (checklist §5.3) are
+closed here and in ``authorize.py``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from authlib.integrations.flask_oauth2 import AuthorizationServer
+from authlib.oauth2.rfc6749 import grants
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidScopeError
+from authlib.oauth2.rfc7009 import RevocationEndpoint
+from authlib.oauth2.rfc7636 import CodeChallenge
+from authlib.oauth2.rfc7662 import IntrospectionEndpoint
+from authlib.oidc.rpinitiated import EndSessionEndpoint
+from sqlalchemy import select, update
+
+from idp.accounts.models import User
+from idp.oidc.models import AccessToken, AuthorizationCode, Client, RefreshToken, token_hash
+from idp.oidc.tokens import GrantContext, InvalidAccessToken, new_family_id
+from idp.services import Services
+
+CONFIDENTIAL_METHODS = ["client_secret_basic", "client_secret_post"]
+
+
+class S256Only(CodeChallenge):
+    """PKCE with S256 only (checklist P7); the challenge itself is required in authorize.py."""
+
+    SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]
+    DEFAULT_CODE_CHALLENGE_METHOD = "S256"
+
+    def get_authorization_code_challenge(self, authorization_code: AuthorizationCode) -> str:
+        return authorization_code.code_challenge
+
+    def get_authorization_code_challenge_method(self, authorization_code: AuthorizationCode) -> str:
+        return authorization_code.code_challenge_method
+
+
+class _DarbazaGrantMixin:
+    """Shared plumbing: our services and one way to mint tokens with full context."""
+
+    server: DarbazaAuthorizationServer
+    request: Any
+
+    @property
+    def svc(self) -> Services:
+        return self.server.svc
+
+    def _issue(self, *, user: User | None, scope: str, context: GrantContext, refresh: bool) -> dict[str, Any]:
+        session = self.svc.db.session
+        token = self.server.tokens.issue(
+            session,
+            client=self.request.client,
+            user=user,
+            scope=scope,
+            context=context,
+            include_refresh_token=refresh,
+        )
+        if user is not None and "openid" in scope.split():
+            token["id_token"] = self.server.tokens.id_token(
+                client=self.request.client,
+                user=user,
+                scope=scope,
+                context=context,
+                access_token=token["access_token"],
+            )
+        session.commit()
+        return token
+
+
+class CodeGrant(_DarbazaGrantMixin, grants.AuthorizationCodeGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = [*CONFIDENTIAL_METHODS, "none"]
+
+    def save_authorization_code(self, code: str, request: Any) -> None:  # pragma: no cover
+        # Codes are created by our own authorize flow (authorize.py), never by Authlib.
+        raise RuntimeError("authorization codes are issued by idp.oidc.authorize")
+
+    def query_authorization_code(self, code: str, client: Client) -> AuthorizationCode | None:
+        session = self.svc.db.session
+        row = session.scalar(select(AuthorizationCode).where(AuthorizationCode.code_hash == token_hash(code)))
+        if row is None or row.client_id != client.client_id:
+            return None
+        now = int(time.time())
+        # P6 / R27: mark the code used atomically; whoever loses the race, or comes later,
+        # gets invalid_grant and every token issued from the code is revoked.
+        claimed = session.execute(
+            update(AuthorizationCode)
+            .where(AuthorizationCode.id == row.id, AuthorizationCode.used_at.is_(None))
+            .values(used_at=now)
+        ).rowcount
+        session.commit()
+        if claimed != 1:
+            self.server.tokens.revoke_family(session, row.family_id)
+            session.commit()
+            return None
+        if row.expires_at <= now:
+            return None
+        return row
+
+    def delete_authorization_code(self, authorization_code: AuthorizationCode) -> None:
+        # Kept (marked used) so that a replay is recognised and revokes the family.
+        return None
+
+    def authenticate_user(self, authorization_code: AuthorizationCode) -> User | None:
+        user = self.svc.db.session.get(User, authorization_code.user_id)
+        return user if user is not None and user.can_sign_in else None
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        client = self.request.client
+        code: AuthorizationCode = self.request.authorization_code
+        user = self.authenticate_user(code)
+        if user is None:
+            raise InvalidGrantError("The account behind this code cannot sign in.")
+        self.request.user = user
+        context = GrantContext(
+            family_id=code.family_id,
+            sid=code.sid,
+            auth_time=code.auth_time,
+            amr=code.get_amr(),
+            acr=code.acr,
+            nonce=code.nonce,
+        )
+        token = self._issue(
+            user=user, scope=code.scope, context=context, refresh=client.check_grant_type("refresh_token")
+        )
+        return 200, token, self.TOKEN_RESPONSE_HEADER
+
+
+class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = [*CONFIDENTIAL_METHODS, "none"]
+    INCLUDE_NEW_REFRESH_TOKEN = True
+
+    def authenticate_refresh_token(self, refresh_token: str) -> RefreshToken | None:
+        session = self.svc.db.session
+        if len(refresh_token) > 512:
+            return None
+        row = session.scalar(select(RefreshToken).where(RefreshToken.token_hash == token_hash(refresh_token)))
+        client: Client = self.request.client
+        # B37 / R15: a token of another client is simply invalid, and must not burn it.
+        if row is None or row.client_id != client.client_id:
+            return None
+        if row.revoked_at is not None or row.is_expired():
+            return None
+        requested = self.request.payload.scope
+        if requested and not set(requested.split()) <= set(row.scope.split()):
+            raise InvalidScopeError()
+        # Rotation with reuse detection (R14, ASVS 10.4.5): claim the token atomically;
+        # presenting an already-used token revokes the whole family.
+        claimed = session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.id == row.id, RefreshToken.used_at.is_(None), RefreshToken.revoked_at.is_(None))
+            .values(used_at=int(time.time()))
+        ).rowcount
+        session.commit()
+        if claimed != 1:
+            self.server.tokens.revoke_family(session, row.family_id)
+            session.commit()
+            return None
+        return row
+
+    def authenticate_user(self, refresh_token: RefreshToken) -> User | None:
+        if refresh_token.user_id is None:
+            return None
+        user = self.svc.db.session.get(User, refresh_token.user_id)
+        return user if user is not None and user.can_sign_in else None
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        old: RefreshToken = self.request.refresh_token
+        user = self.authenticate_user(old)
+        if user is None:
+            self.server.tokens.revoke_family(self.svc.db.session, old.family_id)
+            self.svc.db.session.commit()
+            raise InvalidGrantError("The account behind this token cannot sign in.")
+        self.request.user = user
+        scope = self.request.payload.scope or old.scope
+        context = GrantContext(
+            family_id=old.family_id,
+            sid=old.sid,
+            auth_time=old.auth_time,
+            amr=list(old.amr or []),
+            acr=old.acr,
+            family_expires_at=old.expires_at,
+        )
+        token = self._issue(user=user, scope=scope, context=context, refresh=True)
+        return 200, token, self.TOKEN_RESPONSE_HEADER
+
+    def revoke_old_credential(self, refresh_token: RefreshToken) -> None:
+        # Already marked used when it was claimed.
+        return None
+
+
+class ClientCredentialsGrant(_DarbazaGrantMixin, grants.ClientCredentialsGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = CONFIDENTIAL_METHODS
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        client: Client = self.request.client
+        requested = self.request.payload.scope
+        allowed = set(client.scopes) - {"openid", "offline_access"}
+        if requested:
+            wanted = set(requested.split())
+            if not wanted <= allowed:
+                raise InvalidScopeError()
+        else:
+            wanted = allowed
+        scope = " ".join(sorted(wanted))
+        token = self._issue(user=None, scope=scope, context=GrantContext(family_id=new_family_id()), refresh=False)
+        return 200, token, self.TOKEN_RESPONSE_HEADER
+
+
+def _lookup_token(server: DarbazaAuthorizationServer, token_string: str, hint: str | None) -> Any:
+    """Find a token by value: a JWT access token (by jti) or a refresh token (by hash)."""
+    session = server.svc.db.session
+    if not token_string or len(token_string) > 8192:
+        return None
+    if hint != "refresh_token" and token_string.count(".") == 2:
+        try:
+            claims = server.tokens.decode_signed(token_string, typ="at+jwt")
+        except InvalidAccessToken:
+            return None
+        jti = claims.get("jti")
+        return session.get(AccessToken, jti) if isinstance(jti, str) else None
+    return session.scalar(select(RefreshToken).where(RefreshToken.token_hash == token_hash(token_string)))
+
+
+class Revocation(RevocationEndpoint):
+    CLIENT_AUTH_METHODS = [*CONFIDENTIAL_METHODS, "none"]
+
+    def query_token(self, token_string: str, token_type_hint: str | None) -> Any:
+        return _lookup_token(self.server, token_string, token_type_hint)
+
+    def revoke_token(self, token: Any, request: Any) -> None:
+        session = self.server.svc.db.session
+        # RFC 7009 §2.1: revoking a refresh token also ends the access tokens of its grant.
+        self.server.tokens.revoke_family(session, token.family_id)
+        session.commit()
+
+
+class Introspection(IntrospectionEndpoint):
+    CLIENT_AUTH_METHODS = CONFIDENTIAL_METHODS
+
+    def query_token(self, token_string: str, token_type_hint: str | None) -> Any:
+        return _lookup_token(self.server, token_string, token_type_hint)
+
+    def check_permission(self, token: Any, client: Client, request: Any) -> bool:
+        # A portal app may introspect only the tokens issued to it.
+        return bool(token.client_id == client.client_id)
+
+    def introspect_token(self, token: Any) -> dict[str, Any]:
+        session = self.server.svc.db.session
+        user = session.get(User, token.user_id) if token.user_id else None
+        if token.user_id and (user is None or not user.can_sign_in):
+            return {"active": False}
+        data: dict[str, Any] = {
+            "active": True,
+            "client_id": token.client_id,
+            "scope": token.scope,
+            "iss": self.server.svc.settings.issuer,
+            "iat": token.issued_at,
+            "exp": token.expires_at,
+            "token_type": "Bearer" if isinstance(token, AccessToken) else "refresh_token",
+            "sub": user.subject if user else token.client_id,
+            "aud": token.client_id,
+        }
+        if user is not None:
+            data["username"] = user.login
+        if isinstance(token, AccessToken):
+            data["jti"] = token.jti
+        if token.sid:
+            data["sid"] = token.sid
+        return data
+
+    def create_endpoint_response(self, request: Any) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        token = request.credential
+        if token is None or token.is_revoked() or token.is_expired():
+            body: dict[str, Any] = {"active": False}
+        else:
+            body = self.introspect_token(token)
+        return 200, body, [("Content-Type", "application/json"), ("Cache-Control", "no-store"), ("Pragma", "no-cache")]
+
+
+class EndSession(EndSessionEndpoint):
+    """RP-initiated logout (Authlib >= 1.7); the UI and the logout itself live in views."""
+
+    def get_server_jwks(self) -> dict[str, Any]:
+        return self.server.svc.keys.jwks()
+
+    def get_algorithms(self) -> list[str]:
+        return ["RS256"]
+
+    def end_session(self, end_session_request: Any) -> None:
+        from idp.login.flow import sign_out
+
+        sign_out()
+
+
+class DarbazaAuthorizationServer(AuthorizationServer):
+    """Authlib's server bound to our services. Only code, refresh and client-credentials
+    grants are registered: no implicit, hybrid or password grant (R12, R20)."""
+
+    def __init__(self, svc: Services) -> None:
+        super().__init__()
+        self.svc = svc
+        self.tokens = svc.tokens
+
+    def query_client(self, client_id: str) -> Client | None:
+        if not client_id or len(client_id) > 64:
+            return None
+        client = self.svc.db.session.scalar(select(Client).where(Client.client_id == client_id))
+        return client if client is not None and client.active else None
+
+    def save_token(self, token: dict[str, Any], request: Any) -> None:
+        # Tokens are recorded while they are minted (TokenService.issue).
+        return None
+
+    def handle_response(self, status_code: int, payload: Any, headers: Any) -> Any:
+        response = super().handle_response(status_code, payload, headers)
+        if status_code >= 400 or "access_token" in str(payload)[:200]:
+            response.headers["Cache-Control"] = "no-store"
+            response.headers["Pragma"] = "no-cache"
+        return response
+
+
+def build_server(app: Any, svc: Services) -> DarbazaAuthorizationServer:
+    server = DarbazaAuthorizationServer(svc)
+    server.init_app(app)
+    server.register_grant(CodeGrant, [S256Only(required=True)])
+    server.register_grant(RefreshGrant)
+    server.register_grant(ClientCredentialsGrant)
+    server.register_endpoint(Revocation)
+    server.register_endpoint(Introspection)
+    server.register_endpoint(EndSession)
+    return server

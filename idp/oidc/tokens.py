@@ -1,0 +1,242 @@
+"""Issuing, verifying and revoking tokens: JWT access tokens (RFC 9068), opaque refresh
+tokens with rotation and family revocation, and ID tokens."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwt import JWTClaimsRegistry
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from idp.accounts.models import User
+from idp.config import Settings
+from idp.oidc.claims import user_claims
+from idp.oidc.keys import KeyService
+from idp.oidc.models import AccessToken, Client, RefreshToken, token_hash
+
+SIGNING_ALG = "RS256"
+
+
+class InvalidAccessToken(Exception):
+    """The bearer token is malformed, badly signed, expired, revoked or of the wrong type."""
+
+
+@dataclass
+class GrantContext:
+    """What an issued token carries over from the sign-in that started its family."""
+
+    family_id: str
+    sid: str | None = None
+    auth_time: int | None = None
+    amr: list[str] = field(default_factory=list)
+    acr: str | None = None
+    nonce: str | None = None
+    # Absolute end of the refresh-token family (ASVS 10.4.8).
+    family_expires_at: int | None = None
+
+
+def new_family_id() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def half_hash(value: str) -> str:
+    """at_hash / c_hash for RS256: left half of SHA-256, base64url."""
+    digest = hashlib.sha256(value.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest[: len(digest) // 2]).rstrip(b"=").decode("ascii")
+
+
+class TokenService:
+    """Mints and checks every token the provider issues."""
+
+    def __init__(self, *, settings: Settings, keys: KeyService) -> None:
+        self.settings = settings
+        self.keys = keys
+
+    # --- minting -----------------------------------------------------------------
+    def _sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
+        key = self.keys.signing_key()
+        header = {"alg": SIGNING_ALG, "kid": key.kid, **header}
+        return jwt.encode(header, claims, key, algorithms=[SIGNING_ALG])
+
+    def issue(
+        self,
+        session: Session,
+        *,
+        client: Client,
+        user: User | None,
+        scope: str,
+        context: GrantContext,
+        include_refresh_token: bool,
+    ) -> dict[str, Any]:
+        """Create an access token (and a refresh token when asked) and record both."""
+        now = int(time.time())
+        jti = str(uuid.uuid4())
+        lifetime = self.settings.access_token_lifetime
+        claims: dict[str, Any] = {
+            "iss": self.settings.issuer,
+            "sub": user.subject if user else client.client_id,
+            "aud": client.client_id,
+            "client_id": client.client_id,
+            "iat": now,
+            "exp": now + lifetime,
+            "jti": jti,
+            "scope": scope,
+        }
+        if user is not None:
+            claims["roles"] = user.role_names
+            if context.sid:
+                claims["sid"] = context.sid
+            if context.auth_time is not None:
+                claims["auth_time"] = context.auth_time
+            if context.acr:
+                claims["acr"] = context.acr
+            if context.amr:
+                claims["amr"] = context.amr
+        access_token = self._sign({"typ": "at+jwt"}, claims)
+        session.add(
+            AccessToken(
+                jti=jti,
+                family_id=context.family_id,
+                client_id=client.client_id,
+                user_id=user.id if user else None,
+                sid=context.sid,
+                scope=scope,
+                issued_at=now,
+                expires_at=now + lifetime,
+            )
+        )
+        token: dict[str, Any] = {
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+            "scope": scope,
+        }
+        if include_refresh_token and user is not None:
+            value = secrets.token_urlsafe(48)
+            expires_at = context.family_expires_at or now + self.settings.refresh_token_lifetime
+            session.add(
+                RefreshToken(
+                    token_hash=token_hash(value),
+                    family_id=context.family_id,
+                    client_id=client.client_id,
+                    user_id=user.id,
+                    scope=scope,
+                    sid=context.sid,
+                    auth_time=context.auth_time,
+                    amr=list(context.amr),
+                    acr=context.acr,
+                    issued_at=now,
+                    expires_at=expires_at,
+                )
+            )
+            token["refresh_token"] = value
+        return token
+
+    def id_token(
+        self,
+        *,
+        client: Client,
+        user: User,
+        scope: str,
+        context: GrantContext,
+        access_token: str | None,
+    ) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.settings.issuer,
+            "aud": client.client_id,
+            "azp": client.client_id,
+            "iat": now,
+            "exp": now + self.settings.id_token_lifetime,
+        }
+        if context.auth_time is not None:
+            claims["auth_time"] = context.auth_time
+        if context.nonce:
+            claims["nonce"] = context.nonce
+        if context.acr:
+            claims["acr"] = context.acr
+        if context.amr:
+            claims["amr"] = context.amr
+        if context.sid:
+            claims["sid"] = context.sid
+        if access_token:
+            claims["at_hash"] = half_hash(access_token)
+        claims.update(user_claims(user, scope, self.settings))
+        return self._sign({"typ": "JWT"}, claims)
+
+    # --- verifying -----------------------------------------------------------------
+    def decode_signed(self, value: str, *, typ: str | None) -> dict[str, Any]:
+        """Verify a JWT we issued: RS256 only, a kid we publish, our issuer."""
+        if not value or len(value) > 8192 or value.count(".") != 2:
+            raise InvalidAccessToken("malformed")
+        try:
+            header_raw = value.split(".")[0]
+            header = json.loads(base64.urlsafe_b64decode(header_raw + "=" * (-len(header_raw) % 4)))
+            if not isinstance(header, dict):
+                raise InvalidAccessToken("malformed header")
+            header_kid = header.get("kid")
+            header_typ = header.get("typ")
+            if header.get("alg") != SIGNING_ALG or "jwk" in header or "jku" in header or "x5u" in header:
+                raise InvalidAccessToken("algorithm or key source not allowed")
+            if typ is not None and header_typ != typ:
+                raise InvalidAccessToken("wrong token type")
+            token = jwt.decode(value, self.keys.public_keyset(header_kid), algorithms=[SIGNING_ALG])
+        except InvalidAccessToken:
+            raise
+        except (JoseError, ValueError, TypeError, KeyError) as exc:
+            raise InvalidAccessToken("bad signature or encoding") from exc
+        return dict(token.claims)
+
+    def verify_access_token(self, session: Session, value: str) -> tuple[dict[str, Any], AccessToken]:
+        claims = self.decode_signed(value, typ="at+jwt")
+        try:
+            JWTClaimsRegistry(
+                iss={"essential": True, "value": self.settings.issuer},
+                exp={"essential": True},
+                jti={"essential": True},
+            ).validate(claims)
+        except JoseError as exc:
+            raise InvalidAccessToken("claims not valid") from exc
+        record = session.get(AccessToken, claims["jti"])
+        if record is None or record.is_revoked() or record.is_expired():
+            raise InvalidAccessToken("revoked")
+        return claims, record
+
+    # --- revoking -----------------------------------------------------------------
+    def revoke_family(self, session: Session, family_id: str) -> None:
+        """Revoke every refresh and access token descended from one grant."""
+        now = int(time.time())
+        session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        session.execute(
+            update(AccessToken)
+            .where(AccessToken.family_id == family_id, AccessToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+
+    def revoke_session(self, session: Session, sid: str) -> None:
+        """Revoke the tokens bound to one browser session (sign-out)."""
+        now = int(time.time())
+        session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.sid == sid, RefreshToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        session.execute(
+            update(AccessToken)
+            .where(AccessToken.sid == sid, AccessToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )

@@ -1,0 +1,56 @@
+"""The collaborators every part of Darbaza shares, built once by ``create_app``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+from redis import Redis
+
+from idp.accounts.passwords import PasswordHashing
+from idp.config import Settings
+from idp.crypto import SecretBox
+from idp.db import Database
+from idp.oidc.keys import KeyService
+from idp.oidc.tokens import TokenService
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    redis: Redis
+    passwords: PasswordHashing
+    keys: KeyService
+    tokens: TokenService
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        db = Database(settings.database_url, settings.database_pool_size)
+        redis = Redis.from_url(
+            settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+        )
+        box = SecretBox(settings.data_key or settings.secret_key, "signing-keys")
+        keys = KeyService(
+            session_factory=db.factory,
+            box=box,
+            retire_after=max(settings.key_retire_after, settings.id_token_lifetime, settings.access_token_lifetime),
+        )
+        passwords = PasswordHashing(
+            time_cost=settings.argon2_time_cost,
+            memory_cost=settings.argon2_memory_cost,
+            parallelism=settings.argon2_parallelism,
+        )
+        return cls(
+            settings=settings,
+            db=db,
+            redis=redis,
+            passwords=passwords,
+            keys=keys,
+            tokens=TokenService(settings=settings, keys=keys),
+        )
+
+
+def services() -> Services:
+    """The current application's services (for views only; services never call this)."""
+    return current_app.extensions["darbaza"]

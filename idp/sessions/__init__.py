@@ -1,0 +1,1 @@
+"""Browser sessions kept server-side in Redis."""
