@@ -270,13 +270,10 @@ class Introspection(IntrospectionEndpoint):
             data["sid"] = token.sid
         return data
 
-    def create_endpoint_response(self, request: Any) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
-        token = request.credential
+    def create_introspection_payload(self, token: Any) -> dict[str, Any]:
         if token is None or token.is_revoked() or token.is_expired():
-            body: dict[str, Any] = {"active": False}
-        else:
-            body = self.introspect_token(token)
-        return 200, body, [("Content-Type", "application/json"), ("Cache-Control", "no-store"), ("Pragma", "no-cache")]
+            return {"active": False}
+        return self.introspect_token(token)
 
 
 class EndSession(EndSessionEndpoint):

@@ -1,0 +1,36 @@
+# Darbaza: `make run` serves the demo school, `make test` runs the whole suite.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint translations extract-messages install clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP) translations
+
+translations: $(STAMP)
+	$(VENV)/bin/pybabel compile -q -d idp/translations -f
+
+run: install
+	scripts/system-deps.sh redis-server
+	scripts/run.sh
+
+test: install
+	scripts/system-deps.sh redis-server chromium postgresql
+	scripts/test.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check idp admin_ui connectors examples tests
+	$(VENV)/bin/mypy idp
+
+extract-messages: $(STAMP)
+	$(VENV)/bin/pybabel extract -q -F babel.cfg -k _l -o idp/translations/messages.pot --no-location --sort-output idp examples
+	$(VENV)/bin/pybabel update -q -i idp/translations/messages.pot -d idp/translations --no-fuzzy-matching
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,195 @@
+"""Shared fixtures: a real Redis, a real database (SQLite or PostgreSQL from
+DARBAZA_TEST_DB), and the provider served over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from werkzeug.serving import make_server
+
+from idp.accounts.service import create_user
+from idp.app import create_app
+from idp.config import Settings
+from idp.migrate import upgrade
+from idp.oidc.clients import create_client
+from idp.services import Services
+
+from tests.helpers import Browser, ClientInfo, UserInfo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(  # noqa: S603 - fixed argv
+        [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port", str(port),
+         "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis_lib.Redis(port=port)
+    deadline = time.time() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis_lib.ConnectionError:
+            if time.time() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[str]:
+    """A fresh, migrated database for this test process (one per xdist worker)."""
+    kind = os.environ.get("DARBAZA_TEST_DB", "sqlite")
+    if kind == "sqlite":
+        path = tmp_path_factory.mktemp("db") / "darbaza.sqlite3"
+        url = f"sqlite:///{path}"
+        upgrade(url)
+        yield url
+        return
+    base = make_url(kind)
+    name = f"darbaza_{worker_id}_{secrets.token_hex(4)}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = base.set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+class LiveServer:
+    def __init__(self, app, port: int) -> None:  # type: ignore[no-untyped-def]
+        self.app = app
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._server = make_server("127.0.0.1", port, app, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+    @property
+    def services(self) -> Services:
+        return self.app.extensions["darbaza"]
+
+
+def make_settings(database_url: str, redis_url: str, issuer: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "issuer": issuer,
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "secret_key": "test-secret-" + secrets.token_hex(8),
+        # Cheap argon2id in tests; the production cost is measured in bench/.
+        "argon2_time_cost": 1,
+        "argon2_memory_cost": 8192,
+        "argon2_parallelism": 1,
+        "testing": True,
+    }
+    values.update(overrides)
+    return Settings.from_env(environ={}, **values)
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str, redis_url: str) -> Iterator[LiveServer]:
+    """The provider on a real HTTP server on loopback."""
+    port = free_port()
+    settings = make_settings(database_url, redis_url, f"http://127.0.0.1:{port}")
+    app = create_app(settings)
+    svc: Services = app.extensions["darbaza"]
+    with svc.db.transaction() as session:
+        svc.keys.ensure_key(session)
+    live = LiveServer(app, port)
+    live.start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def make_user(server: LiveServer):  # type: ignore[no-untyped-def]
+    """Factory: a new account with a random login and a known password."""
+
+    def factory(roles: tuple[str, ...] = ("student",), password: str | None = None, **fields: object) -> UserInfo:
+        svc = server.services
+        login = fields.pop("login", None) or f"user-{secrets.token_hex(5)}"
+        password = password or "correct horse battery " + secrets.token_hex(4)
+        with svc.db.transaction() as session:
+            user = create_user(
+                session,
+                svc.passwords,
+                login=str(login),
+                display_name=str(fields.pop("display_name", "Test User")),
+                password=password,
+                roles=list(roles),
+                **fields,  # type: ignore[arg-type]
+            )
+            info = UserInfo(id=user.id, login=user.login, password=password, subject=user.subject)
+        return info
+
+    return factory
+
+
+@pytest.fixture
+def make_client(server: LiveServer):  # type: ignore[no-untyped-def]
+    """Factory: a new portal app registered with the provider."""
+
+    def factory(**kwargs: object) -> ClientInfo:
+        svc = server.services
+        kwargs.setdefault("name", "Test app")
+        kwargs.setdefault("redirect_uris", ["https://rp.example.test/cb"])
+        kwargs.setdefault("post_logout_redirect_uris", ["https://rp.example.test/bye"])
+        kwargs.setdefault("client_id", "app-" + secrets.token_hex(6))
+        with svc.db.transaction() as session:
+            client, secret = create_client(session, **kwargs)  # type: ignore[arg-type]
+            info = ClientInfo(
+                client_id=client.client_id,
+                client_secret=secret,
+                redirect_uri=client.redirect_uris[0] if client.redirect_uris else "",
+                post_logout_redirect_uri=(client.post_logout_redirect_uris or [""])[0],
+            )
+        return info
+
+    return factory
+
+
+@pytest.fixture
+def browser(server: LiveServer) -> Browser:
+    """A cookie-keeping HTTP user agent that can fill in the provider's forms."""
+    return Browser(server.url)
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="darbaza-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
