@@ -83,6 +83,7 @@ def users_create(
                 locale=locale,
             )
             subject = user.subject
+            login = user.login
     except AccountError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"created {login} (sub {subject})")

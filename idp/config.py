@@ -43,6 +43,9 @@ class Settings:
     refresh_token_lifetime: int = 86400 * 30
     # How long a rotated-out signing key stays in JWKS.
     key_retire_after: int = 3600
+    # How long a process caches the signing keys before re-reading them (rotation by
+    # another process is seen within this time; an unknown kid forces a re-read).
+    key_cache_seconds: int = 30
     # argon2id parameters (RFC 9106 second recommended option as default).
     argon2_time_cost: int = 3
     argon2_memory_cost: int = 65536

@@ -2,7 +2,14 @@
 
 from idp.accounts.models import Role, User, user_roles
 from idp.db import Base
-from idp.oidc.models import AccessToken, AuthorizationCode, Client, Consent, RefreshToken, SigningKey
+from idp.oidc.models import (
+    AccessToken,
+    AuthorizationCode,
+    Client,
+    Consent,
+    RefreshToken,
+    SigningKey,
+)
 
 __all__ = [
     "AccessToken",

@@ -35,6 +35,7 @@ class Services:
             session_factory=db.factory,
             box=box,
             retire_after=max(settings.key_retire_after, settings.id_token_lifetime, settings.access_token_lifetime),
+            cache_seconds=settings.key_cache_seconds,
         )
         passwords = PasswordHashing(
             time_cost=settings.argon2_time_cost,

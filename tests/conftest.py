@@ -26,7 +26,6 @@ from idp.config import Settings
 from idp.migrate import upgrade
 from idp.oidc.clients import create_client
 from idp.services import Services
-
 from tests.helpers import Browser, ClientInfo, UserInfo
 
 
@@ -63,7 +62,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[str]:
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A fresh, migrated database for this test process (one per xdist worker)."""
     kind = os.environ.get("DARBAZA_TEST_DB", "sqlite")
     if kind == "sqlite":
@@ -73,7 +72,8 @@ def database_url(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> It
         yield url
         return
     base = make_url(kind)
-    name = f"darbaza_{worker_id}_{secrets.token_hex(4)}"
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"darbaza_{worker}_{secrets.token_hex(4)}"
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -115,6 +115,8 @@ def make_settings(database_url: str, redis_url: str, issuer: str, **overrides: o
         "argon2_memory_cost": 8192,
         "argon2_parallelism": 1,
         "testing": True,
+        # Key rotation by another process (the CLI) is seen within a second.
+        "key_cache_seconds": 1,
     }
     values.update(overrides)
     return Settings.from_env(environ={}, **values)

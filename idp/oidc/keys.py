@@ -20,12 +20,11 @@ class KeyService:
     signing cheap; a kid it does not know forces a reload, so rotations made by
     another process are picked up."""
 
-    CACHE_SECONDS = 30
-
-    def __init__(self, *, session_factory: Any, box: SecretBox, retire_after: int) -> None:
+    def __init__(self, *, session_factory: Any, box: SecretBox, retire_after: int, cache_seconds: int = 30) -> None:
         self._session_factory = session_factory
         self._box = box
         self._retire_after = retire_after
+        self._cache_seconds = cache_seconds
         self._lock = threading.Lock()
         self._loaded_at = 0.0
         self._signing: RSAKey | None = None
@@ -65,7 +64,7 @@ class KeyService:
 
     # --- reading ---------------------------------------------------------------
     def _load(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._loaded_at < self.CACHE_SECONDS and self._signing:
+        if not force and time.monotonic() - self._loaded_at < self._cache_seconds and self._signing:
             return
         with self._lock:
             now = int(time.time())

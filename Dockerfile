@@ -1,0 +1,18 @@
+# Darbaza provider: the same service as `make run`, served by gunicorn and configured by
+# environment (IDP_DATABASE_URL for PostgreSQL, IDP_REDIS_URL, IDP_ISSUER, IDP_SECRET_KEY ...).
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md babel.cfg ./
+COPY idp ./idp
+COPY admin_ui ./admin_ui
+COPY connectors ./connectors
+COPY examples ./examples
+RUN pip install "babel>=2.14" && pybabel compile -q -d idp/translations -f \
+    && pip install . \
+    && useradd --system --uid 10001 darbaza
+USER darbaza
+EXPOSE 8000
+# Apply migrations (idempotent) and serve. Scale by running more containers.
+CMD ["sh", "-c", "darbaza db upgrade && exec gunicorn idp.wsgi:app --bind 0.0.0.0:8000 --workers ${IDP_WORKERS:-2} --threads 4 --worker-class gthread --access-logfile -"]
