@@ -34,6 +34,7 @@ def complete_sign_in(user: User, amr: list[str]) -> None:
     session["uid"] = user.id
     session["sid"] = secrets.token_urlsafe(24)
     session["auth_time"] = int(now)
+    session["authenticated_at"] = now
     session["last_seen"] = now
     session["amr"] = amr
     session["acr"] = acr_for(amr)

@@ -226,11 +226,16 @@ def decide(
     auth_time: int | None,
     flow_started: float | None,
     db: Session,
+    authenticated_at: float | None = None,
     now: float | None = None,
 ) -> Decision:
-    """Decide login / consent / issue; raise the OIDC errors for prompt=none (P1, P2, P3)."""
+    """Decide login / consent / issue; raise the OIDC errors for prompt=none (P1, P2, P3).
+
+    ``authenticated_at`` is the precise sign-in moment; a sign-in after the flow started
+    satisfies that flow's prompt=login, max_age and id_token_hint."""
     now = time.time() if now is None else now
-    fresh = auth_time is not None and flow_started is not None and auth_time >= int(flow_started)
+    signed_in_at = authenticated_at if authenticated_at is not None else auth_time
+    fresh = signed_in_at is not None and flow_started is not None and signed_in_at >= flow_started
     need_login = user is None or auth_time is None
     if not need_login and "login" in request.prompt and not fresh:
         need_login = True

@@ -184,7 +184,14 @@ def run_authorization(params: dict[str, str], repeated: set[str], flow_id: str |
         session["ui_locales"] = req.ui_locales.split()[0].split("-")[0].lower()
     user = _current_user()
     try:
-        decision = decide(req, user=user, auth_time=session.get("auth_time"), flow_started=started, db=db)
+        decision = decide(
+            req,
+            user=user,
+            auth_time=session.get("auth_time"),
+            authenticated_at=session.get("authenticated_at"),
+            flow_started=started,
+            db=db,
+        )
     except RedirectAuthorizeError as exc:
         if flow_id:
             flows().drop(flow_id)
@@ -197,7 +204,7 @@ def run_authorization(params: dict[str, str], repeated: set[str], flow_id: str |
         return redirect(url_for("login.login", **args), code=302)
     assert user is not None
     if decision.action == "consent":
-        flow_id = flow_id or flows().park(params, started=time.time() - 1)
+        flow_id = flow_id or flows().park(params)
         form = ConsentForm(flow=flow_id)
         return render_template(
             "consent.html", form=form, client=req.client, scopes=[s for s in req.scope.split() if s != "openid"]
@@ -271,7 +278,14 @@ def consent() -> Any:
         return error_to_client(RedirectAuthorizeError(req, "access_denied", "The user did not approve the request."))
     # P18: re-check prompt/max_age before approving.
     try:
-        decision = decide(req, user=user, auth_time=session.get("auth_time"), flow_started=parked["started"], db=db)
+        decision = decide(
+            req,
+            user=user,
+            auth_time=session.get("auth_time"),
+            authenticated_at=session.get("authenticated_at"),
+            flow_started=parked["started"],
+            db=db,
+        )
     except RedirectAuthorizeError as exc:
         return error_to_client(exc)
     if decision.action == "login":
