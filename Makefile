@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) translations
 
 translations: $(STAMP)
-	$(VENV)/bin/pybabel compile -q -d idp/translations -f
+	$(VENV)/bin/pybabel -q compile -d idp/translations -f
 
 run: install
 	scripts/system-deps.sh redis-server
@@ -29,8 +29,8 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy idp
 
 extract-messages: $(STAMP)
-	$(VENV)/bin/pybabel extract -q -F babel.cfg -k _l -o idp/translations/messages.pot --no-location --sort-output idp examples
-	$(VENV)/bin/pybabel update -q -i idp/translations/messages.pot -d idp/translations --no-fuzzy-matching
+	$(VENV)/bin/pybabel -q extract -F babel.cfg -k _l -o idp/translations/messages.pot --no-location --sort-output idp examples
+	$(VENV)/bin/pybabel -q update -i idp/translations/messages.pot -d idp/translations --no-fuzzy-matching
 
 clean:
 	rm -rf $(VENV) var
