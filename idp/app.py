@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import UTC
 from typing import Any
 
@@ -109,6 +110,25 @@ def create_app(settings: Settings | None = None) -> Flask:
         oidc_views.end_session,
     ):
         csrf.exempt(view)
+
+    @app.before_request
+    def _request_id() -> None:
+        from flask import g
+
+        incoming = request.headers.get("X-Request-ID", "")
+        # Accept a proxy's id only when it is short and plain; otherwise make one.
+        if 8 <= len(incoming) <= 64 and incoming.replace("-", "").isalnum():
+            g.request_id = incoming
+        else:
+            g.request_id = uuid.uuid4().hex
+
+    @app.after_request
+    def _echo_request_id(response: Response) -> Response:
+        from flask import g
+
+        if getattr(g, "request_id", None):
+            response.headers["X-Request-ID"] = g.request_id
+        return response
 
     @app.teardown_appcontext
     def _close_db(_exc: BaseException | None) -> None:

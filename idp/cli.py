@@ -236,6 +236,28 @@ def demo_seed(out_dir: str, demo_app_url: str) -> None:
         click.echo(f"(the demo was seeded elsewhere; {logins_file} is missing)")
 
 
+# --- audit -------------------------------------------------------------------------
+@main.group()
+def audit() -> None:
+    """The audit journal."""
+
+
+@audit.command("verify")
+@with_appcontext
+def audit_verify() -> None:
+    """Check the hash chain; name the first edited, missing or reordered row."""
+    svc = services()
+    session = svc.db.factory()
+    try:
+        result = svc.journal.verify(session)
+    finally:
+        session.close()
+    if not result.ok:
+        click.echo(f"audit journal is NOT intact: {result.problem} (after {result.checked} good rows)")
+        sys.exit(1)
+    click.echo(f"audit journal is intact: {result.checked} rows")
+
+
 # --- serve -------------------------------------------------------------------------
 @main.command("serve")
 @click.option("--bind", default="127.0.0.1:8000")

@@ -1,6 +1,7 @@
 """Every model, imported in one place for Alembic and create_all."""
 
 from idp.accounts.models import Role, User, user_roles
+from idp.audit.models import AuditEvent, AuditHead
 from idp.db import Base
 from idp.oidc.models import (
     AccessToken,
@@ -13,6 +14,8 @@ from idp.oidc.models import (
 
 __all__ = [
     "AccessToken",
+    "AuditEvent",
+    "AuditHead",
     "AuthorizationCode",
     "Base",
     "Client",

@@ -8,6 +8,7 @@ from flask import current_app
 from redis import Redis
 
 from idp.accounts.passwords import PasswordHashing
+from idp.audit.journal import Journal
 from idp.config import Settings
 from idp.crypto import SecretBox
 from idp.db import Database
@@ -23,6 +24,7 @@ class Services:
     passwords: PasswordHashing
     keys: KeyService
     tokens: TokenService
+    journal: Journal
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -49,6 +51,7 @@ class Services:
             passwords=passwords,
             keys=keys,
             tokens=TokenService(settings=settings, keys=keys),
+            journal=Journal(),
         )
 
 

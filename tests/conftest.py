@@ -135,6 +135,9 @@ def server(database_url: str, redis_url: str) -> Iterator[LiveServer]:
     live.start()
     yield live
     live.stop()
+    svc.db.remove()
+    svc.db.engine.dispose()
+    svc.redis.close()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from wtforms import HiddenField, PasswordField, StringField, SubmitField
 from wtforms.validators import DataRequired, Length
 
 from idp.accounts.models import User
+from idp.audit.web import audit_event
 from idp.i18n import LANGUAGES
 from idp.login.flow import complete_sign_in, sign_out
 from idp.services import services
@@ -79,11 +80,20 @@ def login() -> Any:
     user = db.scalar(select(User).where(User.login == login_name))
     ok = svc.passwords.verify(user.password_hash if user else None, form.password.data)
     if not ok or user is None:
-        log.info("account:login:failure login=%r ip=%s", login_name[:64], request.remote_addr)
+        audit_event(
+            "account:login:failure",
+            subject=f"user:{user.id}" if user else None,
+            details={"login": login_name[:64], "factor": "pwd"},
+        )
         form.password.errors.append(_("The login or password is incorrect."))
         return render_template("login.html", form=form), 401
     if not user.can_sign_in:
-        log.info("account:login:refused login=%r reason=locked ip=%s", login_name[:64], request.remote_addr)
+        audit_event(
+            "account:login:refused",
+            subject=f"user:{user.id}",
+            reason="locked" if user.locked else "disabled",
+            details={"login": login_name[:64]},
+        )
         form.password.errors.append(
             _("This account is locked. Contact the school's technical support.")
         )
@@ -92,7 +102,7 @@ def login() -> Any:
         user.password_hash = svc.passwords.hash(form.password.data)
         db.commit()
     complete_sign_in(user, ["pwd"])
-    log.info("account:login:success user=%s ip=%s", user.subject, request.remote_addr)
+    audit_event("account:login:success", actor=f"user:{user.id}", subject=f"user:{user.id}", details={"amr": ["pwd"]})
     return _after_sign_in(form.flow.data or None, form.next.data)
 
 
@@ -108,7 +118,10 @@ def logout() -> Any:
     form = LogoutForm()
     if not form.validate_on_submit():
         abort(400)
+    uid = session.get("uid")
     sign_out()
+    if uid is not None:
+        audit_event("account:logout", actor=f"user:{uid}", subject=f"user:{uid}")
     return render_template("logged_out.html")
 
 

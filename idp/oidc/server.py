@@ -92,6 +92,13 @@ class CodeGrant(_DarbazaGrantMixin, grants.AuthorizationCodeGrant):
         session.commit()
         if claimed != 1:
             self.server.tokens.revoke_family(session, row.family_id)
+            self.svc.journal.record(
+                session,
+                actor=f"client:{client.client_id}",
+                action="token:code:replay",
+                subject=f"user:{row.user_id}",
+                reason="authorization code used twice; tokens issued from it revoked",
+            )
             session.commit()
             return None
         if row.expires_at <= now:
@@ -155,6 +162,13 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
         session.commit()
         if claimed != 1:
             self.server.tokens.revoke_family(session, row.family_id)
+            self.svc.journal.record(
+                session,
+                actor=f"client:{client.client_id}",
+                action="token:refresh:reuse",
+                subject=f"user:{row.user_id}",
+                reason="a used refresh token was presented again; its family is revoked",
+            )
             session.commit()
             return None
         return row
@@ -233,6 +247,13 @@ class Revocation(RevocationEndpoint):
         session = self.server.svc.db.session
         # RFC 7009 §2.1: revoking a refresh token also ends the access tokens of its grant.
         self.server.tokens.revoke_family(session, token.family_id)
+        self.server.svc.journal.record(
+            session,
+            actor=f"client:{token.client_id}",
+            action="token:revoke",
+            subject=f"user:{token.user_id}" if token.user_id else f"client:{token.client_id}",
+            details={"kind": "access_token" if isinstance(token, AccessToken) else "refresh_token"},
+        )
         session.commit()
 
 
