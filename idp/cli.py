@@ -19,6 +19,15 @@ from idp.oidc.clients import ClientError, create_client
 from idp.services import services
 
 
+def _cli_actor() -> str:
+    import getpass
+
+    try:
+        return "cli:" + getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
+
+
 def _create_app() -> Flask:
     from idp.app import create_app
 
@@ -84,6 +93,8 @@ def users_create(
             )
             subject = user.subject
             login = user.login
+            svc.journal.record(session, actor=_cli_actor(), action="account:create", subject=f"user:{user.id}",
+                               details={"login": user.login, "roles": list(roles)})
     except AccountError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"created {login} (sub {subject})")
@@ -133,6 +144,8 @@ def clients_create(
                 client_id=client_id,
             )
             out = {"client_id": client.client_id, "client_secret": secret}
+            svc.journal.record(session, actor=_cli_actor(), action="client:create", subject=f"client:{client.client_id}",
+                               details={"name": client.name, "redirect_uris": client.redirect_uris})
     except ClientError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(out))
@@ -152,6 +165,7 @@ def keys_rotate() -> None:
     with svc.db.transaction() as session:
         row = svc.keys.rotate(session)
         kid = row.kid
+        svc.journal.record(session, actor=_cli_actor(), action="key:rotate", details={"kid": kid})
     click.echo(f"new signing key {kid}")
 
 
