@@ -1,6 +1,15 @@
 """Every model, imported in one place for Alembic and create_all."""
 
-from idp.accounts.models import Role, User, user_roles
+from idp.accounts.models import (
+    ActivationCode,
+    Role,
+    RolePermission,
+    SchoolClass,
+    User,
+    class_members,
+    guardian_links,
+    user_roles,
+)
 from idp.audit.models import AuditEvent, AuditHead
 from idp.db import Base
 from idp.oidc.models import (
@@ -14,6 +23,11 @@ from idp.oidc.models import (
 
 __all__ = [
     "AccessToken",
+    "ActivationCode",
+    "RolePermission",
+    "SchoolClass",
+    "class_members",
+    "guardian_links",
     "AuditEvent",
     "AuditHead",
     "AuthorizationCode",

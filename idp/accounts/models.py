@@ -34,12 +34,55 @@ SEEDED_ROLES: dict[str, str] = {
 }
 
 
+class_members = Table(
+    "class_members",
+    Base.metadata,
+    Column("class_id", ForeignKey("school_classes.id", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+)
+
+guardian_links = Table(
+    "guardian_links",
+    Base.metadata,
+    Column("guardian_id", ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("child_id", ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class RolePermission(Base):
+    """The one table mapping roles to permissions."""
+
+    __tablename__ = "role_permissions"
+
+    role_id: Mapped[int] = mapped_column(ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True)
+    permission: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
 class Role(Base):
     __tablename__ = "roles"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     description: Mapped[str] = mapped_column(String(255), default="")
+    # Seeded roles cannot be deleted or renamed; their permissions can be changed.
+    builtin: Mapped[bool] = mapped_column(Boolean, default=False)
+    grants: Mapped[list[RolePermission]] = relationship(
+        lazy="selectin", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    @property
+    def permissions(self) -> set[str]:
+        return {g.permission for g in self.grants}
+
+
+class SchoolClass(Base):
+    """A class such as "7A"; its members get it in the ``groups`` claim."""
+
+    __tablename__ = "school_classes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class User(UserMixin, Base):
@@ -61,11 +104,40 @@ class User(UserMixin, Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
+    # Required action: the next sign-in must set a new password first.
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False)
+
     roles: Mapped[list[Role]] = relationship(secondary=user_roles, lazy="selectin")
+    classes: Mapped[list[SchoolClass]] = relationship(secondary=class_members, lazy="selectin")
+    children: Mapped[list[User]] = relationship(
+        secondary=guardian_links,
+        primaryjoin="User.id == guardian_links.c.guardian_id",
+        secondaryjoin="User.id == guardian_links.c.child_id",
+        lazy="selectin",
+        back_populates="guardians",
+    )
+    guardians: Mapped[list[User]] = relationship(
+        secondary=guardian_links,
+        primaryjoin="User.id == guardian_links.c.child_id",
+        secondaryjoin="User.id == guardian_links.c.guardian_id",
+        lazy="selectin",
+        back_populates="children",
+    )
 
     @property
     def role_names(self) -> list[str]:
         return sorted(r.name for r in self.roles)
+
+    @property
+    def permissions(self) -> set[str]:
+        granted: set[str] = set()
+        for role in self.roles:
+            granted |= role.permissions
+        return granted
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted(c.name for c in self.classes)
 
     @property
     def can_sign_in(self) -> bool:
@@ -74,3 +146,18 @@ class User(UserMixin, Base):
     @property
     def is_active(self) -> bool:  # flask-login
         return self.can_sign_in
+
+
+class ActivationCode(Base):
+    """A one-time code printed on a card, used once to set the account's password."""
+
+    __tablename__ = "activation_codes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    failed_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_by: Mapped[str] = mapped_column(String(128))

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from idp.accounts.models import SEEDED_ROLES, Role, User
+from idp.access.permissions import SEEDED_ROLE_PERMISSIONS
+from idp.accounts.models import SEEDED_ROLES, Role, RolePermission, User
 from idp.accounts.passwords import PasswordHashing
 
 LOGIN_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
@@ -23,10 +24,12 @@ def normalise_login(login: str) -> str:
 
 
 def ensure_roles(session: Session) -> dict[str, Role]:
+    """Create the seeded roles that are missing, with their seeded permissions."""
     existing = {r.name: r for r in session.scalars(select(Role))}
     for name, description in SEEDED_ROLES.items():
         if name not in existing:
-            role = Role(name=name, description=description)
+            role = Role(name=name, description=description, builtin=True)
+            role.grants = [RolePermission(permission=p) for p in sorted(SEEDED_ROLE_PERMISSIONS[name])]
             session.add(role)
             existing[name] = role
     session.flush()

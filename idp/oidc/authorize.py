@@ -15,6 +15,7 @@ from redis import Redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from idp.access.decision import may_use_app
 from idp.accounts.models import User
 from idp.oidc.claims import SCOPES_SUPPORTED
 from idp.oidc.models import AuthorizationCode, Client, Consent, token_hash
@@ -250,6 +251,8 @@ def decide(
             raise RedirectAuthorizeError(request, "login_required", "The user is not signed in.")
         return Decision("login")
     assert user is not None
+    if not may_use_app(user, request.client):
+        raise RedirectAuthorizeError(request, "access_denied", "This account may not use this app.")
     if "consent" in request.prompt:
         return Decision("consent")
     if request.client.trusted or has_consent(db, user, request.client, request.scope):

@@ -7,15 +7,17 @@ from typing import Any
 
 from idp.accounts.models import User
 from idp.config import Settings
+from idp.oidc.models import Client
 
 SCOPES_SUPPORTED = ["openid", "profile", "email", "address", "phone", "roles", "school", "offline_access"]
 CLAIMS_SUPPORTED = [
     "sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "azp", "sid",
-    "name", "preferred_username", "locale", "email", "roles", "school",
+    "name", "preferred_username", "locale", "email", "roles", "app_roles", "school", "groups",
+    "children",
 ]
 
 
-def user_claims(user: User, scope: str, settings: Settings) -> dict[str, Any]:
+def user_claims(user: User, scope: str, settings: Settings, client: Client | None = None) -> dict[str, Any]:
     """Claims released for ``scope``; ``sub`` is the stable random subject, never the login."""
     scopes = set(scope.split())
     claims: dict[str, Any] = {"sub": user.subject}
@@ -29,6 +31,12 @@ def user_claims(user: User, scope: str, settings: Settings) -> dict[str, Any]:
         claims["email"] = user.email
     if "roles" in scopes or "profile" in scopes:
         claims["roles"] = user.role_names
+        if client is not None and client.role_map:
+            app_roles = sorted({client.role_map[r] for r in user.role_names if r in client.role_map})
+            claims["app_roles"] = app_roles
     if "school" in scopes or "profile" in scopes:
         claims["school"] = settings.school_name
+        claims["groups"] = user.class_names
+        if user.children:
+            claims["children"] = [{"sub": c.subject, "name": c.display_name} for c in user.children]
     return claims

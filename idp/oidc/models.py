@@ -36,6 +36,10 @@ class Client(Base):
     token_endpoint_auth_method: Mapped[str] = mapped_column(String(32), default="client_secret_basic")
     trusted: Mapped[bool] = mapped_column(Boolean, default=False)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Roles whose members may use this app (empty: every account).
+    allowed_roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # School role -> this app's own role name, sent in the `app_roles` claim.
+    role_map: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     # --- Authlib ClientMixin -------------------------------------------------

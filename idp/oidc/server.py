@@ -16,12 +16,19 @@ from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from authlib.oidc.rpinitiated import EndSessionEndpoint
 from sqlalchemy import select, update
 
+from idp.access.decision import may_use_app
 from idp.accounts.models import User
 from idp.oidc.models import AccessToken, AuthorizationCode, Client, RefreshToken, token_hash
 from idp.oidc.tokens import GrantContext, InvalidAccessToken, new_family_id
 from idp.services import Services
 
 CONFIDENTIAL_METHODS = ["client_secret_basic", "client_secret_post"]
+# How long a code replay stays marked (well beyond the time one token request takes).
+CODE_REPLAY_MARK_TTL = 600
+
+
+def _replay_key(family_id: str) -> str:
+    return f"code-replayed:{family_id}"
 
 
 class S256Only(CodeChallenge):
@@ -91,6 +98,9 @@ class CodeGrant(_DarbazaGrantMixin, grants.AuthorizationCodeGrant):
         ).rowcount
         session.commit()
         if claimed != 1:
+            # Mark the replay before revoking: a concurrent winner that has not minted its
+            # tokens yet sees the mark once it has (create_token_response), and revokes them.
+            self.svc.redis.set(_replay_key(row.family_id), "1", ex=CODE_REPLAY_MARK_TTL)
             self.server.tokens.revoke_family(session, row.family_id)
             self.svc.journal.record(
                 session,
@@ -131,6 +141,11 @@ class CodeGrant(_DarbazaGrantMixin, grants.AuthorizationCodeGrant):
         token = self._issue(
             user=user, scope=code.scope, context=context, refresh=client.check_grant_type("refresh_token")
         )
+        # R27 race: the same code was replayed while these tokens were being minted; the
+        # replay's revocation may have run before they existed, so revoke them now.
+        if self.svc.redis.exists(_replay_key(code.family_id)):
+            self.server.tokens.revoke_family(self.svc.db.session, code.family_id)
+            self.svc.db.session.commit()
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
@@ -177,7 +192,9 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
         if refresh_token.user_id is None:
             return None
         user = self.svc.db.session.get(User, refresh_token.user_id)
-        return user if user is not None and user.can_sign_in else None
+        if user is None or not user.can_sign_in or not may_use_app(user, self.request.client):
+            return None
+        return user
 
     def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
         old: RefreshToken = self.request.refresh_token

@@ -171,7 +171,7 @@ class TokenService:
             claims["sid"] = context.sid
         if access_token:
             claims["at_hash"] = half_hash(access_token)
-        claims.update(user_claims(user, scope, self.settings))
+        claims.update(user_claims(user, scope, self.settings, client))
         return self._sign({"typ": "JWT"}, claims)
 
     # --- verifying -----------------------------------------------------------------

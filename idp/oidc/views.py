@@ -368,7 +368,8 @@ def userinfo() -> Response:
     user = db.get(User, record.user_id)
     if user is None or not user.can_sign_in:
         return _bearer_error("invalid_token", "The access token is not valid.", 401)
-    response = jsonify(user_claims(user, record.scope, svc.settings))
+    client = oauth_server().query_client(record.client_id)
+    response = jsonify(user_claims(user, record.scope, svc.settings, client))
     response.headers["Cache-Control"] = "no-store"
     return response
 

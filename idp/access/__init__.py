@@ -1,0 +1,1 @@
+"""Roles, permissions and (later) restrictions: who may do what."""

@@ -1,0 +1,60 @@
+"""The one permission vocabulary and the seeded role -> permission sets (policy 5.1)."""
+
+from __future__ import annotations
+
+from flask_babel import lazy_gettext as _l
+
+# Every permission the console and the admin API know, with a description people read.
+PERMISSIONS: dict[str, object] = {
+    "admin:users:read": _l("See accounts, classes and guardians"),
+    "admin:users:write": _l("Create and edit accounts, classes and guardians"),
+    "admin:roles:assign": _l("Give accounts roles (only roles whose permissions you hold)"),
+    "admin:roles:write": _l("Create roles and change their permissions"),
+    "support:accounts:lock": _l("Lock and unlock accounts"),
+    "support:sessions:end": _l("End an account's sessions"),
+    "support:credentials:reset": _l("Require a new password and issue activation codes"),
+    "clients:read": _l("See portal apps and who has access to them"),
+    "clients:write": _l("Register and edit portal apps, rotate their secrets"),
+    "audit:read": _l("Read and export the audit journal"),
+    "reports:read": _l("See the dashboard and reports"),
+    "admin:restrictions:write": _l("Manage access restrictions"),
+}
+
+# Seeded roles; custom roles are stored in the database. Tech support can lock, end
+# sessions and reset credentials but not touch roles; the security officer reads
+# everything and manages roles and restrictions; the school admin manages accounts,
+# classes and portal apps.
+SEEDED_ROLE_PERMISSIONS: dict[str, set[str]] = {
+    "student": set(),
+    "teacher": set(),
+    "parent": set(),
+    "staff": set(),
+    "tech_support": {
+        "admin:users:read",
+        "support:accounts:lock",
+        "support:sessions:end",
+        "support:credentials:reset",
+        "reports:read",
+    },
+    "security_officer": {
+        "admin:users:read",
+        "admin:roles:assign",
+        "admin:roles:write",
+        "admin:restrictions:write",
+        "clients:read",
+        "audit:read",
+        "reports:read",
+    },
+    "school_admin": {
+        "admin:users:read",
+        "admin:users:write",
+        "admin:roles:assign",
+        "support:credentials:reset",
+        "clients:read",
+        "clients:write",
+        "reports:read",
+    },
+}
+
+# The permissions that open the console at all (any one of them).
+CONSOLE_PERMISSIONS = set(PERMISSIONS)
