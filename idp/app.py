@@ -29,7 +29,7 @@ login_manager = LoginManager()
 
 # Endpoints called by portal apps, not by a browser form: they answer OAuth JSON
 # errors and are not protected by the CSRF token (they authenticate the client).
-PROTOCOL_PATHS = ("/token", "/revoke", "/introspect", "/userinfo", "/.well-known/", "/jwks.json")
+PROTOCOL_PATHS = ("/token", "/revoke", "/introspect", "/userinfo", "/.well-known/", "/jwks.json", "/admin/api/")
 
 
 def _wants_json() -> bool:
@@ -97,6 +97,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["darbaza_oauth"] = build_server(app, svc)
     app.register_blueprint(login_bp)
     app.register_blueprint(oidc_bp)
+    import admin_ui
+
+    admin_ui.init_app(app)
     from idp.oidc import views as oidc_views
 
     # Protocol endpoints authenticate the client (or are the RP's own front-channel
@@ -186,11 +189,12 @@ def _register_errors(app: Flask) -> None:
         status = e.code or 500
         if status == 405 and _wants_json():
             return _error(405, "invalid_request", "", "This HTTP method is not allowed here.")
-        code = {400: "invalid_request", 401: "invalid_client", 404: "not_found", 413: "invalid_request"}.get(
+        code = {400: "invalid_request", 401: "invalid_client", 403: "forbidden", 404: "not_found", 413: "invalid_request"}.get(
             status, "invalid_request" if status < 500 else "server_error"
         )
         titles = {
             400: _("The request is not valid"),
+            403: _("You do not have access to this page"),
             404: _("Page not found"),
             405: _("This action is not allowed here"),
             413: _("The request is too large"),

@@ -14,6 +14,7 @@ from idp.crypto import SecretBox
 from idp.db import Database
 from idp.oidc.keys import KeyService
 from idp.oidc.tokens import TokenService
+from idp.sessions.registry import SessionRegistry
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Services:
     keys: KeyService
     tokens: TokenService
     journal: Journal
+    sessions: SessionRegistry
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -44,14 +46,16 @@ class Services:
             memory_cost=settings.argon2_memory_cost,
             parallelism=settings.argon2_parallelism,
         )
+        tokens = TokenService(settings=settings, keys=keys)
         return cls(
             settings=settings,
             db=db,
             redis=redis,
             passwords=passwords,
             keys=keys,
-            tokens=TokenService(settings=settings, keys=keys),
+            tokens=tokens,
             journal=Journal(),
+            sessions=SessionRegistry(redis=redis, tokens=tokens),
         )
 
 

@@ -17,6 +17,27 @@ CLAIMS_SUPPORTED = [
 ]
 
 
+SCOPE_CLAIMS: dict[str, list[str]] = {
+    "openid": ["sub"],
+    "profile": ["name", "preferred_username", "locale", "updated_at", "roles", "school", "groups", "children"],
+    "email": ["email"],
+    "roles": ["roles", "app_roles"],
+    "school": ["school", "groups", "children"],
+    "offline_access": [],
+    "address": [],
+    "phone": [],
+}
+
+
+def claims_for_scopes(scopes: list[str]) -> list[str]:
+    """The personal data an app with these scopes can receive."""
+    seen: dict[str, None] = {}
+    for scope in scopes:
+        for claim in SCOPE_CLAIMS.get(scope, []):
+            seen[claim] = None
+    return list(seen)
+
+
 def user_claims(user: User, scope: str, settings: Settings, client: Client | None = None) -> dict[str, Any]:
     """Claims released for ``scope``; ``sub`` is the stable random subject, never the login."""
     scopes = set(scope.split())

@@ -94,3 +94,62 @@ def create_client(
     session.add(client)
     session.flush()
     return client, secret
+
+
+def update_client(
+    session: Session,
+    client: Client,
+    *,
+    name: str,
+    redirect_uris: list[str],
+    post_logout_redirect_uris: list[str],
+    backchannel_logout_uri: str | None,
+    grant_types: list[str],
+    scopes: list[str],
+    trusted: bool,
+    allowed_roles: list[str],
+    role_map: dict[str, str],
+    active: bool = True,
+) -> dict[str, list[object]]:
+    """Change a client's registration; returns the changed fields (before, after)."""
+    if not name.strip() or len(name) > 255:
+        raise ClientError("name must be 1-255 characters")
+    if set(grant_types) - GRANT_TYPES or not grant_types:
+        raise ClientError("grant types must be among: " + ", ".join(sorted(GRANT_TYPES)))
+    if set(scopes) - set(SCOPES_SUPPORTED):
+        raise ClientError("scopes must be among: " + ", ".join(SCOPES_SUPPORTED))
+    if client.is_public and "client_credentials" in grant_types:
+        raise ClientError("a public client cannot use client_credentials")
+    if "authorization_code" in grant_types and not redirect_uris:
+        raise ClientError("the authorization code grant needs at least one redirect URI")
+    for uri in [*redirect_uris, *post_logout_redirect_uris]:
+        check_redirect_uri(uri)
+    if backchannel_logout_uri:
+        check_redirect_uri(backchannel_logout_uri)
+    fields = {
+        "name": name.strip(),
+        "redirect_uris": list(dict.fromkeys(redirect_uris)),
+        "post_logout_redirect_uris": list(dict.fromkeys(post_logout_redirect_uris)),
+        "backchannel_logout_uri": backchannel_logout_uri or None,
+        "grant_types": list(dict.fromkeys(grant_types)),
+        "scopes": list(dict.fromkeys(scopes)),
+        "trusted": bool(trusted),
+        "allowed_roles": sorted(set(allowed_roles)),
+        "role_map": dict(role_map),
+        "active": bool(active),
+    }
+    changes: dict[str, list[object]] = {}
+    for key, value in fields.items():
+        if getattr(client, key) != value:
+            changes[key] = [getattr(client, key), value]
+            setattr(client, key, value)
+    return changes
+
+
+def rotate_secret(client: Client) -> str:
+    """A new secret (shown once, stored hashed); the old one stops working at once."""
+    if client.is_public:
+        raise ClientError("a public client has no secret")
+    secret = secrets.token_urlsafe(32)
+    client.secret_hash = token_hash(secret)
+    return secret

@@ -240,3 +240,17 @@ class TokenService:
             .where(AccessToken.sid == sid, AccessToken.revoked_at.is_(None))
             .values(revoked_at=now)
         )
+
+    def revoke_user(self, session: Session, user_id: int) -> None:
+        """Revoke every token of an account (lock, disable, end all sessions)."""
+        now = int(time.time())
+        session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        session.execute(
+            update(AccessToken)
+            .where(AccessToken.user_id == user_id, AccessToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )

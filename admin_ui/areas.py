@@ -1,0 +1,3 @@
+"""Importing this module registers every console area on the blueprint (one line each)."""
+
+from admin_ui import dashboard  # noqa: F401
