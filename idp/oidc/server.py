@@ -31,6 +31,10 @@ def _replay_key(family_id: str) -> str:
     return f"code-replayed:{family_id}"
 
 
+def _reuse_key(family_id: str) -> str:
+    return f"refresh-reused:{family_id}"
+
+
 class S256Only(CodeChallenge):
     """PKCE with S256 only (checklist P7); the challenge itself is required in authorize.py."""
 
@@ -176,6 +180,9 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
         ).rowcount
         session.commit()
         if claimed != 1:
+            # As for codes (R27): mark the reuse first, so that a concurrent winner that has
+            # not minted its new tokens yet revokes them once it has (create_token_response).
+            self.svc.redis.set(_reuse_key(row.family_id), "1", ex=CODE_REPLAY_MARK_TTL)
             self.server.tokens.revoke_family(session, row.family_id)
             self.svc.journal.record(
                 session,
@@ -214,6 +221,11 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
             family_expires_at=old.expires_at,
         )
         token = self._issue(user=user, scope=scope, context=context, refresh=True)
+        # R14 race: the old token was presented again while these were being minted; that
+        # reuse's revocation may have run before they existed, so revoke them now.
+        if self.svc.redis.exists(_reuse_key(old.family_id)):
+            self.server.tokens.revoke_family(self.svc.db.session, old.family_id)
+            self.svc.db.session.commit()
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
     def revoke_old_credential(self, refresh_token: RefreshToken) -> None:

@@ -40,14 +40,6 @@ CHROMIUM_ARGS = [
 TIMEOUT_MS = 20_000
 
 
-@pytest.fixture(scope="session")
-def worker_id(request: pytest.FixtureRequest) -> str:
-    """pytest-xdist's ``worker_id`` (which tests/conftest.py needs), also for runs
-    without xdist (``-p no:xdist``)."""
-    workerinput = getattr(request.config, "workerinput", None)
-    return str(workerinput["workerid"]) if workerinput else "master"
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
