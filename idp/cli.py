@@ -13,7 +13,7 @@ from flask import Flask
 from flask.cli import FlaskGroup, with_appcontext
 from sqlalchemy import select
 
-from idp.accounts.models import User
+from idp.accounts.models import SchoolClass, User
 from idp.accounts.service import AccountError, create_user, ensure_roles
 from idp.oidc.clients import ClientError, create_client
 from idp.services import services
@@ -211,12 +211,22 @@ def demo_seed(out_dir: str, demo_app_url: str) -> None:
         seeded = session.scalar(select(User.id).where(User.login == "admin")) is not None
         if not seeded:
             lines = []
+            people = {}
             for login, name, roles, locale in DEMO_PEOPLE:
                 password = _passphrase()
-                create_user(
+                people[login] = create_user(
                     session, svc.passwords, login=login, display_name=name, password=password, roles=roles, locale=locale
                 )
                 lines.append(f"{login:18} {password:40} {', '.join(roles)}")
+            seventh, ninth = (
+                session.scalar(select(SchoolClass).where(SchoolClass.name == name)) or SchoolClass(name=name)
+                for name in ("7A", "9B")
+            )
+            session.add_all([seventh, ninth])
+            people["aibek.student"].classes = [seventh]
+            people["aigerim.student"].classes = [seventh]
+            people["daniyar.student"].classes = [ninth]
+            people["gulnara.parent"].children = [people["aibek.student"]]
             client, secret = create_client(
                 session,
                 name="Demo portal (e-journal)",
