@@ -15,4 +15,4 @@ RUN pip install "babel>=2.14" && pybabel compile -q -d idp/translations -f \
 USER darbaza
 EXPOSE 8000
 # Apply migrations (idempotent) and serve. Scale by running more containers.
-CMD ["sh", "-c", "darbaza db upgrade && exec gunicorn idp.wsgi:app --bind 0.0.0.0:8000 --workers ${IDP_WORKERS:-2} --threads 4 --worker-class gthread --access-logfile -"]
+CMD ["sh", "-c", "darbaza db upgrade && exec gunicorn idp.wsgi:app --bind 0.0.0.0:8000 --workers ${IDP_WORKERS:-2} --threads 4 --worker-class gthread --no-control-socket --access-logfile -"]

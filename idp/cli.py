@@ -299,6 +299,7 @@ def serve(bind: str, workers: int, threads: int) -> None:
         "--worker-class", "gthread",
         "--access-logfile", "-",
         "--graceful-timeout", "5",
+        "--no-control-socket",
     ]
     os.execv(args[0], args)  # noqa: S606 - replaces this process with gunicorn
 

@@ -33,7 +33,7 @@ fi
 .venv/bin/darbaza serve --bind 127.0.0.1:8000 --workers "${IDP_WORKERS:-2}" &
 pids+=($!)
 DEMO_CLIENT_FILE=var/demo-client.json .venv/bin/gunicorn --bind 127.0.0.1:8001 --workers 1 --threads 4 \
-  --worker-class gthread 'examples.demo_portal:create_app()' &
+  --worker-class gthread --no-control-socket 'examples.demo_portal:create_app()' &
 pids+=($!)
 echo
 echo "Darbaza:      http://127.0.0.1:8000/.well-known/openid-configuration"
