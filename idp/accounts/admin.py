@@ -282,7 +282,7 @@ class AccountAdmin:
         return [found[n] for n in cleaned]
 
     def list_classes(self) -> list[tuple[SchoolClass, int]]:
-        counts = dict(
+        counts: dict[int, int] = dict(
             self.db.execute(select(class_members.c.class_id, func.count()).group_by(class_members.c.class_id)).all()
         )
         return [(c, counts.get(c.id, 0)) for c in self.db.scalars(select(SchoolClass).order_by(SchoolClass.name))]

@@ -80,7 +80,7 @@ class KeyService:
             current = active[-1]
             self._signing = RSAKey.import_key(self._box.open(current.private_key_encrypted).decode(), {"kid": current.kid, "alg": "RS256", "use": "sig"})
             self._jwks = {"keys": [dict(r.public_jwk) for r in published]}
-            self._public = KeySet.import_key_set(self._jwks)
+            self._public = KeySet.import_key_set(self._jwks)  # type: ignore[arg-type]
             self._loaded_at = time.monotonic()
 
     def signing_key(self) -> RSAKey:

@@ -4,8 +4,10 @@ closed here and in ``authorize.py``."""
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
+from urllib.parse import unquote
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import grants
@@ -33,6 +35,26 @@ def _replay_key(family_id: str) -> str:
 
 def _reuse_key(family_id: str) -> str:
     return f"refresh-reused:{family_id}"
+
+
+def authenticate_client_secret_basic(query_client: Any, request: Any) -> Client | None:
+    """``client_secret_basic`` without Authlib's crashes on malformed headers ("Basic " with
+    no value, non-ASCII text, or credentials that are not UTF-8 all raised a 500)."""
+    scheme, _sep, value = (request.headers.get("Authorization") or "").strip().partition(" ")
+    if scheme.lower() != "basic" or not value.strip():
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except ValueError:  # binascii.Error, UnicodeDecodeError and non-ASCII input
+        return None
+    client_id, sep, secret = decoded.partition(":")
+    client_id, secret = unquote(client_id), unquote(secret)  # RFC 6749 §2.3.1 form-encoding
+    if not sep or not client_id or not secret:
+        return None
+    client = query_client(client_id)
+    if client is not None and client.check_client_secret(secret):
+        return client  # type: ignore[no-any-return]
+    return None
 
 
 class S256Only(CodeChallenge):
@@ -99,7 +121,7 @@ class CodeGrant(_DarbazaGrantMixin, grants.AuthorizationCodeGrant):
             update(AuthorizationCode)
             .where(AuthorizationCode.id == row.id, AuthorizationCode.used_at.is_(None))
             .values(used_at=now)
-        ).rowcount
+        ).rowcount  # type: ignore[attr-defined]
         session.commit()
         if claimed != 1:
             # Mark the replay before revoking: a concurrent winner that has not minted its
@@ -177,7 +199,7 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
             update(RefreshToken)
             .where(RefreshToken.id == row.id, RefreshToken.used_at.is_(None), RefreshToken.revoked_at.is_(None))
             .values(used_at=int(time.time()))
-        ).rowcount
+        ).rowcount  # type: ignore[attr-defined]
         session.commit()
         if claimed != 1:
             # As for codes (R27): mark the reuse first, so that a concurrent winner that has
@@ -371,6 +393,7 @@ class DarbazaAuthorizationServer(AuthorizationServer):
 def build_server(app: Any, svc: Services) -> DarbazaAuthorizationServer:
     server = DarbazaAuthorizationServer(svc)
     server.init_app(app)
+    server.register_client_auth_method("client_secret_basic", authenticate_client_secret_basic)
     server.register_grant(CodeGrant, [S256Only(required=True)])
     server.register_grant(RefreshGrant)
     server.register_grant(ClientCredentialsGrant)

@@ -3,11 +3,10 @@ introspection and end_session."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from authlib.oauth2.rfc6749.errors import OAuth2Error
+from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
 from flask import (
     Blueprint,
     Response,
@@ -137,7 +136,7 @@ def _add_params(uri: str, params: list[tuple[str, str]], fragment: bool) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
 
-def respond_to_client(req: AuthorizationRequest, params: list[tuple[str, str]]) -> Response:
+def respond_to_client(req: AuthorizationRequest, params: list[tuple[str, str]]) -> Any:
     """Send an authorization response (code or error) with state and iss (RFC 9207)."""
     if req.state is not None:
         params.append(("state", req.state))
@@ -180,7 +179,7 @@ def run_authorization(params: dict[str, str], repeated: set[str], flow_id: str |
         if flow_id:
             flows().drop(flow_id)
         return error_to_client(exc)
-    if req.ui_locales:
+    if req.ui_locales and req.ui_locales.split():  # a blank value crashed split()[0]
         session["ui_locales"] = req.ui_locales.split()[0].split("-")[0].lower()
     user = _current_user()
     try:
@@ -198,7 +197,7 @@ def run_authorization(params: dict[str, str], repeated: set[str], flow_id: str |
         return error_to_client(exc)
     if decision.action == "login":
         flow_id = flow_id or flows().park(params)
-        args = {"flow": flow_id}
+        args: dict[str, Any] = {"flow": flow_id}
         if req.login_hint:
             args["login_hint"] = req.login_hint[:128]
         return redirect(url_for("login.login", **args), code=302)
@@ -310,19 +309,28 @@ def consent() -> Any:
 
 
 # --- token, revocation, introspection ------------------------------------------------
+def _repeated_parameters_error() -> Response | None:
+    """RFC 6749 §3.2: parameters MUST NOT be repeated (Authlib silently takes the first)."""
+    _values, repeated = single_values(request.values)
+    if not repeated:
+        return None
+    error = InvalidRequestError("Parameters must not be repeated: " + ", ".join(sorted(repeated))[:200])
+    return oauth_server().handle_error_response(None, error)
+
+
 @bp.post("/token")
 def token() -> Response:
-    return oauth_server().create_token_response()
+    return _repeated_parameters_error() or oauth_server().create_token_response()
 
 
 @bp.post("/revoke")
 def revoke() -> Response:
-    return oauth_server().create_endpoint_response("revocation")
+    return _repeated_parameters_error() or oauth_server().create_endpoint_response("revocation")
 
 
 @bp.post("/introspect")
 def introspect() -> Response:
-    return oauth_server().create_endpoint_response("introspection")
+    return _repeated_parameters_error() or oauth_server().create_endpoint_response("introspection")
 
 
 # --- userinfo ------------------------------------------------------------------------
