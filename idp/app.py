@@ -98,8 +98,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(login_bp)
     app.register_blueprint(oidc_bp)
     import admin_ui
+    from idp.oidc import cors
 
     admin_ui.init_app(app)
+    cors.init_app(app)
     from idp.oidc import views as oidc_views
 
     # Protocol endpoints authenticate the client (or are the RP's own front-channel
