@@ -15,3 +15,6 @@ def init_app(app: Flask) -> None:
     from admin_ui import areas  # noqa: F401
 
     app.register_blueprint(bp)
+    from admin_ui.api import api  # the JSON admin API at /admin/api/v1 (CSRF-exempt, bearer tokens)
+
+    app.register_blueprint(api)
