@@ -101,6 +101,9 @@ def login() -> Any:
     if user.password_hash and svc.passwords.needs_rehash(user.password_hash):
         user.password_hash = svc.passwords.hash(form.password.data)
         db.commit()
+    if user.must_change_password:
+        # Required action: no session until a new password is set (idp/login/required.py).
+        return required.begin_required_password_change(user, form.flow.data or None, form.next.data)
     complete_sign_in(user, ["pwd"])
     audit_event("account:login:success", actor=f"user:{user.id}", subject=f"user:{user.id}", details={"amr": ["pwd"]})
     return _after_sign_in(form.flow.data or None, form.next.data)
@@ -135,3 +138,7 @@ def set_language() -> Any:
         current_user.locale = form.lang.data
         services().db.session.commit()
     return redirect(safe_next(form.next.data) or url_for("login.account"), code=303)
+
+
+# Registers the activation and required-password-change views on ``bp`` (they import from here).
+from idp.login import activation, required  # noqa: E402,F401

@@ -1,0 +1,99 @@
+"""``/activate``: a person sets their own password with the one-time code printed on
+the card the school gave them, and is signed in.
+
+Every failure of the code (unknown login, wrong, expired or used code, locked account)
+gets one and the same message, so the page does not reveal which accounts exist.
+AccountAdmin voids a code after 10 failures; this page also limits POSTs per client
+IP, so codes cannot be guessed across many accounts from one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import render_template, request
+from flask_babel import gettext as _
+from flask_babel import lazy_gettext as _l
+from redis import Redis
+from wtforms import StringField
+from wtforms.validators import InputRequired, Length
+
+from idp.accounts.admin import ActivationError, redeem_activation_code
+from idp.audit.web import audit_event
+from idp.login.flow import complete_sign_in
+from idp.login.required import NewPasswordForm
+from idp.login.views import _after_sign_in, bp
+from idp.services import services
+
+ACTIVATE_LIMIT = 20
+ACTIVATE_WINDOW_SECONDS = 600
+
+
+class ActivationForm(NewPasswordForm):
+    login = StringField(
+        validators=[InputRequired(message=_l("Enter your login.")), Length(max=128, message=_l("At most 128 characters."))]
+    )
+    code = StringField(
+        validators=[
+            InputRequired(message=_l("Enter the activation code from your card.")),
+            Length(max=64, message=_l("At most 64 characters.")),
+        ]
+    )
+
+
+def activation_attempts_exceeded(redis: Redis, ip: str) -> int | None:
+    """Count one POST from ``ip``; the seconds to wait when over the limit, else None."""
+    key = f"throttle:activate:{ip}"
+    pipe = redis.pipeline(transaction=True)
+    pipe.incr(key)
+    pipe.ttl(key)
+    count, ttl = pipe.execute()
+    if ttl < 0:
+        # The first POST of a window (or a counter left without expiry by a crash
+        # between the two commands) starts the window.
+        redis.expire(key, ACTIVATE_WINDOW_SECONDS)
+        ttl = ACTIVATE_WINDOW_SECONDS
+    if count > ACTIVATE_LIMIT:
+        return max(1, int(ttl))
+    return None
+
+
+@bp.route("/activate", methods=["GET", "POST"])
+def activate() -> Any:
+    form = ActivationForm()
+    if request.method == "GET":
+        if request.args.get("login", "") and len(request.args["login"]) <= 128:
+            form.login.data = request.args["login"]
+        return render_template("activate.html", form=form, error=None)
+    svc = services()
+    wait = activation_attempts_exceeded(svc.redis, request.remote_addr or "unknown")
+    if wait is not None:
+        minutes = max(1, -(-wait // 60))
+        page = render_template(
+            "error.html",
+            title=_("Too many attempts"),
+            message=_("Too many activation attempts from this network. Try again in %(minutes)d minutes.",
+                      minutes=minutes),
+        )
+        return page, 429, {"Retry-After": str(wait)}
+    login_name = (form.login.data or "").strip().casefold()
+    if not form.validate_on_submit() or not form.check(login=login_name):
+        return render_template("activate.html", form=form, error=None), 400
+    db = svc.db.session
+    try:
+        user = redeem_activation_code(
+            db, svc.passwords, svc.journal, login=login_name, code=form.code.data, new_password=form.password.data,
+            ip=request.remote_addr,
+        )
+    except ActivationError:
+        # Keep the failure count and the journal event of the failed attempt.
+        db.commit()
+        error = _("The login or activation code is not valid, or the code has expired or was already used.")
+        return render_template("activate.html", form=form, error=error), 400
+    # The account's password was just set by someone holding its card: whatever was
+    # signed in before ends, as after any password change.
+    svc.sessions.end_all(db, user.id)
+    db.commit()
+    complete_sign_in(user, ["pwd"])
+    audit_event("account:login:success", actor=f"user:{user.id}", subject=f"user:{user.id}",
+                details={"amr": ["pwd"], "activation": True})
+    return _after_sign_in(None, None)
