@@ -113,8 +113,13 @@ class AccountAdmin:
         query = select(User)
         text = text.strip()[:100]
         if text:
-            pattern = f"%{text.casefold()}%"
-            query = query.where(or_(func.lower(User.display_name).like(pattern), User.login.like(pattern)))
+            # search_name is casefolded in Python (SQLite's lower() folds ASCII only);
+            # wildcards typed by the admin are matched literally.
+            folded = text.casefold().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            pattern = f"%{folded}%"
+            query = query.where(
+                or_(User.search_name.like(pattern, escape="\\"), User.login.like(pattern, escape="\\"))
+            )
         if role:
             query = query.where(User.id.in_(select(user_roles.c.user_id).join(Role).where(Role.name == role)))
         if class_name:

@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 
 from flask_login import UserMixin
-from sqlalchemy import Boolean, Column, DateTime, ForeignKey, Integer, String, Table, Text
+from sqlalchemy import Boolean, Column, DateTime, ForeignKey, Integer, String, Table, Text, event
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from idp.db import Base
@@ -94,6 +94,8 @@ class User(UserMixin, Base):
     # Login names are compared case-insensitively; this column holds the folded form.
     login: Mapped[str] = mapped_column(String(128), unique=True, index=True)
     display_name: Mapped[str] = mapped_column(String(255))
+    # casefold(display_name), kept by the ORM, for case-insensitive search in any script.
+    search_name: Mapped[str] = mapped_column(String(255), default="", index=True)
     email: Mapped[str | None] = mapped_column(String(320), nullable=True)
     locale: Mapped[str | None] = mapped_column(String(8), nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -161,3 +163,9 @@ class ActivationCode(Base):
     used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     failed_attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_by: Mapped[str] = mapped_column(String(128))
+
+
+@event.listens_for(User, "before_insert")
+@event.listens_for(User, "before_update")
+def _fold_search_name(_mapper: object, _connection: object, user: User) -> None:
+    user.search_name = (user.display_name or "").casefold()[:255]

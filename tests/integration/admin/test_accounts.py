@@ -494,3 +494,16 @@ def test_unknown_account_is_404_not_500(server, make_user):
     browser, _ = console(server, make_user, "school_admin")
     assert browser.get("/admin/accounts/99999999").status_code == 404
     assert browser.get("/admin/accounts/99999999/profile").status_code == 404
+
+
+def test_search_folds_cyrillic_and_matches_wildcards_literally(server, browser, make_user):
+    admin = make_user(roles=("school_admin",))
+    make_user(display_name="Айжамал Жунусова")
+    make_user(display_name="Percent 100% Sure")
+    browser.sign_in(admin.login, admin.password)
+    found = browser.get("/admin/accounts", params={"q": "АЙЖАМАЛ"})
+    assert "Айжамал Жунусова" in found.text
+    literal = browser.get("/admin/accounts", params={"q": "100%"})
+    assert "Percent 100% Sure" in literal.text
+    wildcard = browser.get("/admin/accounts", params={"q": "%"})
+    assert "Айжамал Жунусова" not in wildcard.text
