@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy idp
 
 extract-messages: $(STAMP)
-	$(VENV)/bin/pybabel -q extract -F babel.cfg -k _l -o idp/translations/messages.pot --no-location --sort-output idp examples
+	$(VENV)/bin/pybabel -q extract -F babel.cfg -k _l -o idp/translations/messages.pot --no-location --sort-output idp admin_ui examples
 	$(VENV)/bin/pybabel -q update -i idp/translations/messages.pot -d idp/translations --no-fuzzy-matching
 
 clean:

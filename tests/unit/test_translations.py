@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TRANSLATIONS = ROOT / "idp" / "translations"
 POT = TRANSLATIONS / "messages.pot"
 # The directories `make extract-messages` scans (keep in step with the Makefile).
-SOURCE_DIRS = ("idp", "examples")
+SOURCE_DIRS = ("idp", "admin_ui", "examples")
 # `_l` is flask_babel.lazy_gettext (pybabel extract -k _l).
 KEYWORDS = {**DEFAULT_KEYWORDS, "_l": None}
 PLACEHOLDER = re.compile(r"%\((\w+)\)[sdrif]")
