@@ -143,7 +143,7 @@ def _refs(db: Session, value: str) -> set[str]:
     return refs
 
 
-def filtered_query(db: Session, filters: AuditFilters) -> Select[tuple[AuditEvent]]:
+def filtered_query(db: Session, filters: AuditFilters) -> Select[AuditEvent]:
     """The journal rows matching the filters, unordered."""
     query = select(AuditEvent)
     if filters.actor:
@@ -323,7 +323,8 @@ def _export(kind: str) -> Response:
     filters, errors = parse_filters(request.args)
     if errors:
         # The list page shows the same arguments with the form's messages.
-        return redirect(url_for("admin.audit", **request.args.to_dict()), code=303)  # type: ignore[return-value]
+        target = url_for("admin.audit") + "?" + request.query_string.decode("latin-1")
+        return redirect(target, code=303)  # type: ignore[return-value]
     # Reading the journal in bulk is itself an event (policy 2.5).
     audit_event("audit:export", details={"format": kind, "filters": filters.as_args()})
     events = iter_events(services().db.session, filters)

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from idp.access.permissions import PERMISSIONS
 from idp.oidc.claims import SCOPES_SUPPORTED
 from idp.oidc.models import Client, token_hash
 
@@ -18,6 +19,15 @@ AUTH_METHODS = {"client_secret_basic", "client_secret_post", "none"}
 
 class ClientError(ValueError):
     """A client registration is not valid; the message says why."""
+
+
+def allowed_scopes(grant_types: list[str]) -> set[str]:
+    """The scopes a client may be registered with. Admin-API scopes (named after the
+    permissions) only for machine clients that use client credentials and nothing else:
+    they must never reach a user's consent screen or a user's token."""
+    if set(grant_types) == {"client_credentials"}:
+        return set(SCOPES_SUPPORTED) | set(PERMISSIONS)
+    return set(SCOPES_SUPPORTED)
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -61,8 +71,8 @@ def create_client(
         raise ClientError("name must not be empty")
     if set(grant_types) - GRANT_TYPES:
         raise ClientError("grant types must be among: " + ", ".join(sorted(GRANT_TYPES)))
-    if set(scopes) - set(SCOPES_SUPPORTED):
-        raise ClientError("scopes must be among: " + ", ".join(SCOPES_SUPPORTED))
+    if set(scopes) - allowed_scopes(grant_types):
+        raise ClientError("scopes must be among: " + ", ".join(sorted(allowed_scopes(grant_types))))
     if auth_method not in AUTH_METHODS:
         raise ClientError("auth method must be one of: " + ", ".join(sorted(AUTH_METHODS)))
     if auth_method == "none" and "client_credentials" in grant_types:
@@ -116,8 +126,8 @@ def update_client(
         raise ClientError("name must be 1-255 characters")
     if set(grant_types) - GRANT_TYPES or not grant_types:
         raise ClientError("grant types must be among: " + ", ".join(sorted(GRANT_TYPES)))
-    if set(scopes) - set(SCOPES_SUPPORTED):
-        raise ClientError("scopes must be among: " + ", ".join(SCOPES_SUPPORTED))
+    if set(scopes) - allowed_scopes(grant_types):
+        raise ClientError("scopes must be among: " + ", ".join(sorted(allowed_scopes(grant_types))))
     if client.is_public and "client_credentials" in grant_types:
         raise ClientError("a public client cannot use client_credentials")
     if "authorization_code" in grant_types and not redirect_uris:
