@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Flask, request, session
 from flask_babel import Babel, get_locale
 from flask_login import current_user
+from werkzeug.exceptions import HTTPException
 
 LANGUAGES = {"ky": "Кыргызча", "ru": "Русский", "en": "English"}
 babel = Babel()
@@ -18,13 +19,25 @@ def _from_ui_locales(value: str | None) -> str | None:
     return None
 
 
+def _request_ui_locales() -> str | None:
+    value = request.args.get("ui_locales")
+    if value is None and request.method != "GET":
+        try:
+            value = request.form.get("ui_locales")
+        except HTTPException:
+            # The body itself was refused (413 too large): this runs again while the error
+            # page is rendered, and must not raise a second time (that became a bare 500).
+            value = None
+    return value
+
+
 def select_locale() -> str:
     chosen = session.get("lang")
     if chosen in LANGUAGES:
         return chosen
     if getattr(current_user, "is_authenticated", False) and current_user.locale in LANGUAGES:
         return current_user.locale
-    from_request = _from_ui_locales(request.values.get("ui_locales")) if request else None
+    from_request = _from_ui_locales(_request_ui_locales()) if request else None
     if from_request:
         return from_request
     remembered = session.get("ui_locales")

@@ -77,7 +77,8 @@ def login() -> Any:
     svc = services()
     db = svc.db.session
     login_name = form.login.data.strip().casefold()
-    user = db.scalar(select(User).where(User.login == login_name))
+    # No login holds a NUL, and PostgreSQL refuses one in a query: such a login is unknown.
+    user = None if "\x00" in login_name else db.scalar(select(User).where(User.login == login_name))
     ok = svc.passwords.verify(user.password_hash if user else None, form.password.data)
     if not ok or user is None:
         audit_event(

@@ -132,6 +132,9 @@ def validate(
         raise fail("invalid_request", "Unsupported response_mode.")
     if repeated:
         raise fail("invalid_request", "Parameters must not be repeated: " + ", ".join(sorted(repeated)))
+    # A NUL is never valid in any parameter (and PostgreSQL refuses one in the nonce query).
+    if any("\x00" in v for v in params.values()):
+        raise fail("invalid_request", "Parameters must not contain NUL characters.")
     too_long = sorted(k for k, v in params.items() if len(v) > MAX_PARAM_LENGTH and k != "id_token_hint")
     if too_long or len(params.get("id_token_hint", "")) > 8192:
         raise fail("invalid_request", "A parameter is too long.")
@@ -180,7 +183,8 @@ def validate(
 
     if "max_age" in params:
         raw = params["max_age"]
-        if not raw.isdigit() or len(raw) > 10:
+        # ASCII digits only: str.isdigit() also accepts '²' (int() then raises) and other scripts.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 10:
             raise fail("invalid_request", "max_age must be a non-negative integer.")
         request.max_age = int(raw)
 

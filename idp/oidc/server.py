@@ -11,7 +11,7 @@ from urllib.parse import unquote
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import grants
-from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidScopeError
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError, InvalidScopeError
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
@@ -357,6 +357,19 @@ class EndSession(EndSessionEndpoint):
     def get_algorithms(self) -> list[str]:
         return ["RS256"]
 
+    def validate_request(self, request: Any) -> Any:
+        # Only our ID tokens are hints: an access token (same key, sub and aud, but typ
+        # at+jwt, and held by resource servers too) must not end a session unasked.
+        hint = request.payload.data.get("id_token_hint")
+        if hint:
+            try:
+                claims = self.server.tokens.decode_signed(hint, typ="JWT")
+            except InvalidAccessToken as exc:
+                raise InvalidRequestError("id_token_hint is not an ID token of this provider.") from exc
+            if claims.get("iss") != self.server.svc.settings.issuer:
+                raise InvalidRequestError("id_token_hint was not issued by this provider.")
+        return super().validate_request(request)
+
     def end_session(self, end_session_request: Any) -> None:
         from idp.login.flow import sign_out
 
@@ -373,7 +386,8 @@ class DarbazaAuthorizationServer(AuthorizationServer):
         self.tokens = svc.tokens
 
     def query_client(self, client_id: str) -> Client | None:
-        if not client_id or len(client_id) > 64:
+        # No client id holds a NUL, and PostgreSQL refuses one in a query (a 500 before).
+        if not client_id or len(client_id) > 64 or "\x00" in client_id:
             return None
         client = self.svc.db.session.scalar(select(Client).where(Client.client_id == client_id))
         return client if client is not None and client.active else None
