@@ -13,7 +13,7 @@ from flask_login import LoginManager
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from redis.exceptions import RedisError
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -202,6 +202,13 @@ def _register_errors(app: Flask) -> None:
             413: _("The request is too large"),
         }
         return _error(status, code, titles.get(status, _("Something went wrong")), _("Check the address and try again."))
+
+    @app.errorhandler(DataError)
+    def _bad_data(e: DataError) -> Any:
+        # A value the database refuses (a NUL byte on PostgreSQL, a number out of range):
+        # the request is bad, not the server; nothing was written.
+        log.warning("database refused a value on %s: %s", request.path, e.__class__.__name__)
+        return _error(400, "invalid_request", _("The request is not valid"), _("Check the address and try again."))
 
     @app.errorhandler(RedisError)
     def _redis_down(e: RedisError) -> Any:

@@ -768,3 +768,11 @@ def test_access_token_is_not_an_id_token_hint(server, world, make_client):
     response = b.get("/end_session", params={"id_token_hint": tokens["id_token"],
                                              "post_logout_redirect_uri": client.post_logout_redirect_uri})
     assert response.status_code == 302 and response.headers["Location"] == client.post_logout_redirect_uri
+
+
+def test_language_switcher_never_copies_an_id_token_hint_into_the_page(server, browser, make_user):
+    user = make_user()
+    browser.sign_in(user.login, user.password)
+    page = browser.get("/end_session", params={"id_token_hint": "eyJhbGciOiJub25lIn0.e30.", "state": "s"})
+    assert page.status_code == 200
+    assert "eyJhbGciOiJub25lIn0" not in page.text
