@@ -53,4 +53,6 @@ def init_app(app: Flask) -> None:
 
     @app.context_processor
     def _languages() -> dict[str, object]:
-        return {"LANGUAGES": LANGUAGES, "get_locale": get_locale}
+        from idp.access.permissions import role_label
+
+        return {"LANGUAGES": LANGUAGES, "get_locale": get_locale, "role_label": role_label}

@@ -58,3 +58,21 @@ SEEDED_ROLE_PERMISSIONS: dict[str, set[str]] = {
 
 # The permissions that open the console at all (any one of them).
 CONSOLE_PERMISSIONS = set(PERMISSIONS)
+
+
+# What people read for the seeded roles (the database keeps the English description).
+SEEDED_ROLE_LABELS: dict[str, object] = {
+    "student": _l("Student"),
+    "teacher": _l("Teacher"),
+    "parent": _l("Parent or guardian"),
+    "staff": _l("School staff"),
+    "tech_support": _l("Technical support"),
+    "security_officer": _l("Information security officer"),
+    "school_admin": _l("School administrator"),
+}
+
+
+def role_label(name: str) -> str:
+    """A seeded role's translated label; a custom role's own name."""
+    label = SEEDED_ROLE_LABELS.get(name)
+    return str(label) if label is not None else name
