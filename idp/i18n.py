@@ -53,6 +53,9 @@ def init_app(app: Flask) -> None:
 
     @app.context_processor
     def _languages() -> dict[str, object]:
-        from idp.access.permissions import role_label
+        return {"LANGUAGES": LANGUAGES, "get_locale": get_locale}
 
-        return {"LANGUAGES": LANGUAGES, "get_locale": get_locale, "role_label": role_label}
+    from idp.access.permissions import role_label
+
+    # A global, not a context variable: imported macros (admin forms) need it too.
+    app.jinja_env.globals["role_label"] = role_label
