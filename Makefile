@@ -26,7 +26,7 @@ test: install
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check idp admin_ui connectors examples tests
-	$(VENV)/bin/mypy idp
+	$(VENV)/bin/mypy idp admin_ui examples
 
 extract-messages: $(STAMP)
 	$(VENV)/bin/pybabel -q extract -F babel.cfg -k _l -o idp/translations/messages.pot --no-location --sort-output idp admin_ui examples
