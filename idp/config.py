@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -55,7 +55,6 @@ class Settings:
     # Force Secure cookies even over http (set false only for plain-http localhost).
     cookie_secure: bool = True
     log_level: str = "INFO"
-    languages: list = field(default_factory=lambda: ["ky", "ru", "en"])
     # Extra options that only tests set.
     testing: bool = False
 
