@@ -28,6 +28,7 @@ from wtforms.validators import DataRequired, Length, Optional, Regexp, Validatio
 from wtforms.widgets import CheckboxInput, ListWidget
 
 from admin_ui import bp
+from admin_ui.csv_export import BOM, safe_cell
 from admin_ui.guard import current_actor, requires
 from admin_ui.nav import add_nav
 from idp.access.permissions import PERMISSIONS
@@ -43,8 +44,6 @@ SCHOOL_TZ = ZoneInfo("Asia/Bishkek")
 PER_PAGE = 25
 RECENT_EVENTS = 20
 STATES = ("active", "locked", "disabled")
-# OWASP "CSV injection": a cell starting with one of these is a formula in spreadsheets.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -254,10 +253,6 @@ def accounts() -> str:
     )
 
 
-def csv_cell(value: object) -> str:
-    """A cell a spreadsheet shows as text, never runs as a formula."""
-    text = "" if value is None else str(value)
-    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 @bp.get("/accounts/export.csv")
@@ -272,7 +267,7 @@ def accounts_export() -> Response:
     for user in users:
         created = user.created_at.replace(tzinfo=ZoneInfo("UTC")).astimezone(SCHOOL_TZ) if user.created_at else None
         writer.writerow(
-            csv_cell(v)
+            safe_cell(v)
             for v in (
                 user.login,
                 user.display_name,
@@ -287,7 +282,7 @@ def accounts_export() -> Response:
     audit_event("account:export", details={"filters": {k: v for k, v in filters.items() if v}, "rows": len(users)})
     stamp = datetime.now(SCHOOL_TZ).strftime("%Y%m%d-%H%M")
     # The BOM makes spreadsheets of the region read the file as UTF-8 (Cyrillic names).
-    body = ("\ufeff" + out.getvalue()).encode("utf-8")
+    body = (BOM + out.getvalue()).encode("utf-8")
     return Response(
         body,
         mimetype="text/csv",

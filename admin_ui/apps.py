@@ -21,6 +21,7 @@ from wtforms import BooleanField, RadioField, SelectMultipleField, StringField, 
 from wtforms.validators import DataRequired, Length, ValidationError
 
 from admin_ui import bp
+from admin_ui.csv_export import BOM, safe_cell
 from admin_ui.guard import current_actor, requires
 from admin_ui.nav import add_nav
 from idp.access.roles import who_has_access
@@ -69,9 +70,6 @@ AUTH_METHOD_LABELS: dict[str, Any] = {
     "none": _l("Public: a phone or browser app that cannot keep a secret (PKCE only)"),
 }
 
-# Cells a spreadsheet would run as a formula (OWASP CSV injection); tab and carriage
-# return are on OWASP's list as well.
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
 # --- forms -------------------------------------------------------------------------------
@@ -289,9 +287,6 @@ def revoke_client_tokens(client: Client) -> int:
     return len(families)
 
 
-def csv_cell(value: str) -> str:
-    """A cell a spreadsheet shows as text even when it starts like a formula."""
-    return "'" + value if value.startswith(FORMULA_PREFIXES) else value
 
 
 # --- views: the register -------------------------------------------------------------------
@@ -464,7 +459,7 @@ def access_report_csv() -> Response:
         claims = " ".join(row.claims)
         for user in row.accounts:
             writer.writerow(
-                [csv_cell(v) for v in (row.client.name, row.client.client_id, user.login, user.display_name,
+                [safe_cell(v) for v in (row.client.name, row.client.client_id, user.login, user.display_name,
                                        " ".join(user.role_names), claims)]
             )
             count += 1
@@ -474,7 +469,7 @@ def access_report_csv() -> Response:
                        request_id=actor.request_id, details={"rows": count})
     svc.db.session.commit()
     # A BOM so that spreadsheet programs read the Kyrgyz and Russian names as UTF-8.
-    body = ("\ufeff" + buffer.getvalue()).encode("utf-8")
+    body = (BOM + buffer.getvalue()).encode("utf-8")
     filename = f"who-has-access-{datetime.now(UTC):%Y-%m-%d}.csv"
     return Response(
         body,

@@ -23,6 +23,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from admin_ui import bp
+from admin_ui.csv_export import BOM, safe_cell
 from admin_ui.guard import requires
 from admin_ui.nav import add_nav
 from idp.accounts.models import User
@@ -42,9 +43,6 @@ FIRST_DATE = date(1970, 1, 1)
 LAST_DATE = date(9998, 12, 31)
 MAX_PAGE = 1_000_000
 USER_REF = re.compile(r"^user:(\d{1,12})$")
-# OWASP "CSV injection": a cell starting with one of these is run as a formula by
-# spreadsheet programs; a leading apostrophe makes it plain text.
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 EXPORT_FIELDS = [
     "seq", "occurred_at", "occurred_at_local", "actor", "subject", "action", "reason",
     "ip", "request_id", "details", "prev_hash", "hash",
@@ -244,17 +242,13 @@ def people_for(db: Session, refs: Iterable[str | None]) -> PeopleIndex:
     return PeopleIndex(by_id={u.id: u for u in db.scalars(select(User).where(User.id.in_(ids)))})
 
 
-def safe_cell(value: object) -> str:
-    """A CSV cell that a spreadsheet shows as text, never runs as a formula."""
-    text = "" if value is None else str(value)
-    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
 
 
 def csv_rows(events: Iterable[AuditEvent]) -> Iterator[str]:
     """The export as CSV text chunks: UTF-8 BOM (so Excel reads Cyrillic), header, rows."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    buffer.write("\ufeff")
+    buffer.write(BOM)
     writer.writerow(EXPORT_FIELDS)
     for count, event in enumerate(events, start=1):
         record = event_record(event)
