@@ -29,12 +29,8 @@ CONFIDENTIAL_METHODS = ["client_secret_basic", "client_secret_post"]
 CODE_REPLAY_MARK_TTL = 600
 
 
-def _replay_key(family_id: str) -> str:
-    return f"code-replayed:{family_id}"
-
-
-def _reuse_key(family_id: str) -> str:
-    return f"refresh-reused:{family_id}"
+def _burnt_key(family_id: str) -> str:
+    return f"family-revoked:{family_id}"
 
 
 def authenticate_client_secret_basic(query_client: Any, request: Any) -> Client | None:
@@ -99,7 +95,30 @@ class _DarbazaGrantMixin:
                 access_token=token["access_token"],
             )
         session.commit()
+        # R14 / R27 race: the code or refresh token behind this family was replayed while
+        # these tokens were being minted; that revocation may have run before they
+        # existed, so revoke them now.
+        if self.svc.redis.exists(_burnt_key(context.family_id)):
+            self.server.tokens.revoke_family(session, context.family_id)
+            session.commit()
         return token
+
+    def _burn_family(
+        self, family_id: str, *, client_id: str, user_id: int | None, action: str, reason: str
+    ) -> None:
+        """A replayed credential: revoke every token of its family and journal it. The mark
+        comes first, so a concurrent winner still minting sees it (see ``_issue``)."""
+        session = self.svc.db.session
+        self.svc.redis.set(_burnt_key(family_id), "1", ex=CODE_REPLAY_MARK_TTL)
+        self.server.tokens.revoke_family(session, family_id)
+        self.svc.journal.record(
+            session,
+            actor=f"client:{client_id}",
+            action=action,
+            subject=f"user:{user_id}" if user_id else None,
+            reason=reason,
+        )
+        session.commit()
 
 
 class CodeGrant(_DarbazaGrantMixin, grants.AuthorizationCodeGrant):
@@ -124,18 +143,13 @@ class CodeGrant(_DarbazaGrantMixin, grants.AuthorizationCodeGrant):
         ).rowcount  # type: ignore[attr-defined]
         session.commit()
         if claimed != 1:
-            # Mark the replay before revoking: a concurrent winner that has not minted its
-            # tokens yet sees the mark once it has (create_token_response), and revokes them.
-            self.svc.redis.set(_replay_key(row.family_id), "1", ex=CODE_REPLAY_MARK_TTL)
-            self.server.tokens.revoke_family(session, row.family_id)
-            self.svc.journal.record(
-                session,
-                actor=f"client:{client.client_id}",
+            self._burn_family(
+                row.family_id,
+                client_id=client.client_id,
+                user_id=row.user_id,
                 action="token:code:replay",
-                subject=f"user:{row.user_id}",
                 reason="authorization code used twice; tokens issued from it revoked",
             )
-            session.commit()
             return None
         if row.expires_at <= now:
             return None
@@ -167,11 +181,6 @@ class CodeGrant(_DarbazaGrantMixin, grants.AuthorizationCodeGrant):
         token = self._issue(
             user=user, scope=code.scope, context=context, refresh=client.check_grant_type("refresh_token")
         )
-        # R27 race: the same code was replayed while these tokens were being minted; the
-        # replay's revocation may have run before they existed, so revoke them now.
-        if self.svc.redis.exists(_replay_key(code.family_id)):
-            self.server.tokens.revoke_family(self.svc.db.session, code.family_id)
-            self.svc.db.session.commit()
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
@@ -202,18 +211,13 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
         ).rowcount  # type: ignore[attr-defined]
         session.commit()
         if claimed != 1:
-            # As for codes (R27): mark the reuse first, so that a concurrent winner that has
-            # not minted its new tokens yet revokes them once it has (create_token_response).
-            self.svc.redis.set(_reuse_key(row.family_id), "1", ex=CODE_REPLAY_MARK_TTL)
-            self.server.tokens.revoke_family(session, row.family_id)
-            self.svc.journal.record(
-                session,
-                actor=f"client:{client.client_id}",
+            self._burn_family(
+                row.family_id,
+                client_id=client.client_id,
+                user_id=row.user_id,
                 action="token:refresh:reuse",
-                subject=f"user:{row.user_id}",
                 reason="a used refresh token was presented again; its family is revoked",
             )
-            session.commit()
             return None
         return row
 
@@ -243,11 +247,6 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
             family_expires_at=old.expires_at,
         )
         token = self._issue(user=user, scope=scope, context=context, refresh=True)
-        # R14 race: the old token was presented again while these were being minted; that
-        # reuse's revocation may have run before they existed, so revoke them now.
-        if self.svc.redis.exists(_reuse_key(old.family_id)):
-            self.server.tokens.revoke_family(self.svc.db.session, old.family_id)
-            self.svc.db.session.commit()
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
     def revoke_old_credential(self, refresh_token: RefreshToken) -> None:
