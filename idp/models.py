@@ -12,6 +12,7 @@ from idp.accounts.models import (
 )
 from idp.audit.models import AuditEvent, AuditHead
 from idp.db import Base
+from idp.notify.models import OutboxMessage
 from idp.oidc.models import (
     AccessToken,
     AuthorizationCode,
@@ -23,6 +24,7 @@ from idp.oidc.models import (
 
 __all__ = [
     "AccessToken",
+    "OutboxMessage",
     "ActivationCode",
     "RolePermission",
     "SchoolClass",

@@ -108,6 +108,10 @@ class User(UserMixin, Base):
 
     # Required action: the next sign-in must set a new password first.
     must_change_password: Mapped[bool] = mapped_column(Boolean, default=False)
+    # NIST 800-63B-4 §3.2.2: consecutive failures per credential; at the limit the
+    # credential is disabled until tech support re-enables it.
+    password_failures: Mapped[int] = mapped_column(Integer, default=0)
+    password_disabled_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
     roles: Mapped[list[Role]] = relationship(secondary=user_roles, lazy="selectin")
     classes: Mapped[list[SchoolClass]] = relationship(secondary=class_members, lazy="selectin")
