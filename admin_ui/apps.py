@@ -12,7 +12,7 @@ import io
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Response, abort, flash, make_response, redirect, render_template, url_for
+from flask import Response, abort, flash, make_response, redirect, render_template, session, url_for
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
@@ -257,10 +257,27 @@ def registration_of(client: Client) -> dict[str, Any]:
     }
 
 
-def _show_secret_once(client: Client, secret: str, *, created: bool) -> Response:
-    # noggin's pattern: a secret is shown in the answer to the POST that made it and
-    # never stored anywhere it could be shown again, so no cache may keep this page.
-    response = make_response(render_template("admin/apps/secret.html", client=client, secret=secret, created=created))
+def _show_secret_once(client: Client, secret: str, *, created: bool) -> Any:
+    """Post/redirect/get: the secret waits in the admin's server-side session (Redis, never
+    the cookie) and the next GET shows it once; a reload cannot register a second app or
+    rotate again, and shows that the secret was already shown."""
+    session["secret_once"] = {"client_id": client.client_id, "secret": secret, "created": created}
+    return redirect(url_for("admin.app_secret", client_id=client.client_id), code=303)
+
+
+@bp.get("/apps/<client_id>/secret")
+@requires("clients:write")
+def app_secret(client_id: str) -> Any:
+    client = _client_or_404(client_id)
+    pending = session.get("secret_once")
+    if not pending or pending.get("client_id") != client.client_id:
+        flash(_("The secret was shown once and is not kept. Rotate it if it was lost."), "error")
+        return redirect(url_for("admin.app_page", client_id=client.client_id), code=303)
+    session.pop("secret_once", None)
+    response = make_response(
+        render_template("admin/apps/secret.html", client=client, secret=pending["secret"], created=pending["created"])
+    )
+    # noggin's pattern: no cache may keep the page that shows a secret.
     response.headers["Cache-Control"] = "no-store"
     response.headers["Pragma"] = "no-cache"
     return response

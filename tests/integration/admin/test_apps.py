@@ -54,7 +54,14 @@ def register(browser: Browser, **overrides: object) -> tuple[requests.Response, 
     assert page.status_code == 200
     data = register_form(**overrides)
     data["csrf_token"] = csrf_of(page)
-    return browser.post("/admin/apps/new", data=data), data
+    return follow_to_secret(browser, browser.post("/admin/apps/new", data=data)), data
+
+
+def follow_to_secret(browser: Browser, response: requests.Response) -> requests.Response:
+    """The secret is shown by the GET after the POST (post/redirect/get)."""
+    if response.status_code == 303 and response.headers["Location"].endswith("/secret"):
+        return browser.get(response.headers["Location"])
+    return response
 
 
 def shown_credentials(page: requests.Response) -> tuple[str, str]:
@@ -86,7 +93,7 @@ def events(server, action: str, subject: str) -> list[AuditEvent]:
 def post_with_token(browser: Browser, page_url: str, post_url: str, **data: object) -> requests.Response:
     page = browser.get(page_url)
     assert page.status_code == 200, page.status_code
-    return browser.post(post_url, data={"csrf_token": csrf_of(page), **data})
+    return follow_to_secret(browser, browser.post(post_url, data={"csrf_token": csrf_of(page), **data}))
 
 
 @pytest.fixture
@@ -273,6 +280,10 @@ def test_rotation_shows_a_new_secret_once_and_the_old_one_stops_working(server, 
     (rotated,) = events(server, "client:secret:rotate", f"client:{client_id}")
     assert rotated.reason == "secret was in a chat" and new_secret not in str(rotated.details)
     assert new_secret not in admin.get(f"/admin/apps/{client_id}").text
+    # A reload of the secret page does not show it again, nor rotate again.
+    again = admin.get(f"/admin/apps/{client_id}/secret")
+    assert again.status_code == 303 and new_secret not in again.text
+    assert client_credentials(server, client_id, new_secret).status_code == 200
 
 
 # --- switching an app off and on -------------------------------------------------------------------
