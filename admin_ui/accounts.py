@@ -49,7 +49,8 @@ STATES = ("active", "locked", "disabled")
 # --- helpers -------------------------------------------------------------------------
 def account_admin() -> AccountAdmin:
     svc = services()
-    return AccountAdmin(db=svc.db.session, journal=svc.journal, passwords=svc.passwords, sessions=svc.sessions)
+    return AccountAdmin(db=svc.db.session, journal=svc.journal, passwords=svc.passwords, sessions=svc.sessions,
+                        login_throttle=svc.login_account_throttle)
 
 
 def _account_or_404(user_id: int) -> User:
@@ -570,6 +571,26 @@ def account_unlock(user_id: int) -> Any:
         endpoint="admin.account_unlock",
         perform=account_admin().unlock,
         done=lambda _result: _("The account was unlocked."),
+    )
+
+
+@bp.route("/accounts/<int:user_id>/password/reenable", methods=["GET", "POST"])
+@requires("support:accounts:lock")
+def account_reenable_password(user_id: int) -> Any:
+    user = _account_or_404(user_id)
+    if user.password_disabled_at is None:
+        return _back_with(user, _("This account's password is not disabled."))
+    return _confirmed_action(
+        user,
+        title=_("Re-enable the password of %(login)s", login=user.login),
+        explanation=_("The password was disabled after %(count)d failed sign-in attempts in a row: someone may be "
+                      "guessing it. Re-enable it only after you have made sure who is asking (in person or by a "
+                      "known phone number). If the person has forgotten the password, issue an activation code "
+                      "instead.", count=user.password_failures),
+        button=_("Re-enable the password"),
+        endpoint="admin.account_reenable_password",
+        perform=account_admin().reenable_password,
+        done=lambda _result: _("The password was re-enabled. The person can sign in with it again."),
     )
 
 

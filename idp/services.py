@@ -7,11 +7,16 @@ from dataclasses import dataclass
 from flask import current_app
 from redis import Redis
 
+from connectors.mail import MailTransport
+from idp.accounts.blocklist import BlocklistSource, build_blocklist
 from idp.accounts.passwords import PasswordHashing
 from idp.audit.journal import Journal
 from idp.config import Settings
 from idp.crypto import SecretBox
 from idp.db import Database
+from idp.login.throttle import Throttle
+from idp.notify.jobs import build_mail_transport, build_outbox
+from idp.notify.outbox import Outbox
 from idp.oidc.keys import KeyService
 from idp.oidc.tokens import TokenService
 from idp.sessions.registry import SessionRegistry
@@ -27,6 +32,14 @@ class Services:
     tokens: TokenService
     journal: Journal
     sessions: SessionRegistry
+    # Common and breached passwords (idp/accounts/blocklist.py), or its Null twin.
+    blocklist: BlocklistSource
+    # Named limiters, one per purpose (STYLE: rate limiters are named per purpose).
+    login_account_throttle: Throttle
+    login_ip_throttle: Throttle
+    # Durable mail (idp/notify/outbox.py) and the transport the worker delivers through.
+    outbox: Outbox
+    mail: MailTransport
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -56,6 +69,17 @@ class Services:
             tokens=tokens,
             journal=Journal(),
             sessions=SessionRegistry(redis=redis, tokens=tokens),
+            blocklist=build_blocklist(settings.password_blocklist, settings.password_blocklist_file),
+            login_account_throttle=Throttle(
+                redis=redis, purpose="login:account", free_failures=settings.login_account_free_failures,
+                max_delay=settings.login_max_delay, window=settings.login_account_window,
+            ),
+            login_ip_throttle=Throttle(
+                redis=redis, purpose="login:ip", free_failures=settings.login_ip_free_failures,
+                max_delay=settings.login_max_delay, window=settings.login_ip_window,
+            ),
+            outbox=build_outbox(settings),
+            mail=build_mail_transport(settings),
         )
 
 

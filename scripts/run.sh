@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: a private Redis (AOF on, data under var/), migrations on SQLite, the demo
-# school, the provider on :8000 and the demo portal app on :8001. Ctrl-C stops them all.
+# school, the provider on :8000, the demo portal app on :8001, the background worker and a
+# local SMTP sink that prints every mail. Ctrl-C stops them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p var/redis
@@ -32,10 +33,17 @@ fi
 .venv/bin/darbaza demo seed --out var --demo-app-url http://127.0.0.1:8001
 .venv/bin/darbaza serve --bind 127.0.0.1:8000 --workers "${IDP_WORKERS:-2}" &
 pids+=($!)
+# Mail goes to a local sink that prints each message and keeps it in var/mail/*.eml.
+export IDP_SMTP_HOST="${IDP_SMTP_HOST:-127.0.0.1}" IDP_SMTP_PORT="${IDP_SMTP_PORT:-8025}"
+.venv/bin/darbaza mail sink --port "$IDP_SMTP_PORT" --out var/mail &
+pids+=($!)
+.venv/bin/darbaza worker &
+pids+=($!)
 DEMO_CLIENT_FILE=var/demo-client.json .venv/bin/gunicorn --bind 127.0.0.1:8001 --workers 1 --threads 4 \
   --worker-class gthread --no-control-socket 'examples.demo_portal:create_app()' &
 pids+=($!)
 echo
 echo "Darbaza:      http://127.0.0.1:8000/.well-known/openid-configuration"
 echo "Demo portal:  http://127.0.0.1:8001  (sign in with a demo login above; Ctrl-C stops everything)"
+echo "Mail:         printed in this console and kept in var/mail/*.eml (SMTP sink on 127.0.0.1:$IDP_SMTP_PORT)"
 wait -n "${pids[@]}"

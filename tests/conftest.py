@@ -117,6 +117,9 @@ def make_settings(database_url: str, redis_url: str, issuer: str, **overrides: o
         "testing": True,
         # Key rotation by another process (the CLI) is seen within a second.
         "key_cache_seconds": 1,
+        # Every test signs in from 127.0.0.1: the shared server must not throttle by IP
+        # (tests/integration/test_login_throttle.py checks the limits on its own server).
+        "login_ip_free_failures": 1_000_000,
     }
     values.update(overrides)
     return Settings.from_env(environ={}, **values)

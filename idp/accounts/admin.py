@@ -16,6 +16,7 @@ from idp.accounts.models import ActivationCode, Role, SchoolClass, User, class_m
 from idp.accounts.passwords import PasswordHashing
 from idp.accounts.service import AccountError, create_user, normalise_login
 from idp.audit.journal import Journal
+from idp.login.throttle import Throttle
 from idp.sessions.registry import SessionRegistry
 
 # Unambiguous characters for codes printed on cards (no 0/O, 1/I/L).
@@ -72,12 +73,20 @@ class AccountAdmin:
     """Search, create, edit, lock and unlock accounts; manage classes and guardians."""
 
     def __init__(
-        self, *, db: Session, journal: Journal, passwords: PasswordHashing, sessions: SessionRegistry
+        self,
+        *,
+        db: Session,
+        journal: Journal,
+        passwords: PasswordHashing,
+        sessions: SessionRegistry,
+        login_throttle: Throttle | None = None,
     ) -> None:
         self.db = db
         self.journal = journal
         self.passwords = passwords
         self.sessions = sessions
+        # The per-login sign-in throttle, cleared when support re-enables a password.
+        self.login_throttle = login_throttle
 
     def _record(self, actor: Actor, action: str, user: User | None, reason: str | None = None, **details: object) -> None:
         self.journal.record(
@@ -241,6 +250,19 @@ class AccountAdmin:
         user.lock_reason = None
         self._record(actor, "account:unlock", user, reason)
 
+    def reenable_password(self, actor: Actor, user: User, reason: str) -> None:
+        """Re-enable a password disabled after too many failures (N12). Support checks
+        who is asking before this, as for any re-binding; the reason is journalled."""
+        self._need(actor, "support:accounts:lock")
+        reason = require_reason(reason)
+        failures = user.password_failures
+        user.password_failures = 0
+        user.password_disabled_at = None
+        if self.login_throttle is not None:
+            # Also the growing delay, so the person can sign in at once.
+            self.login_throttle.reset(user.login)
+        self._record(actor, "account:credential:enable", user, reason, credential="password", failures=failures)
+
     def end_sessions(self, actor: Actor, user: User, reason: str) -> int:
         self._need(actor, "support:sessions:end")
         reason = require_reason(reason)
@@ -364,6 +386,10 @@ def redeem_activation_code(
         raise ActivationError()
     live.used_at = now
     user.password_hash = passwords.hash(new_password)
+    # A code issued by support binds a new password: a password disabled after too many
+    # failures is replaced, so its count ends (N12: re-binding re-enables).
+    user.password_failures = 0
+    user.password_disabled_at = None
     user.password_changed_at = now
     user.must_change_password = False
     journal.record(db, actor=f"user:{user.id}", action="account:activation-code:redeem", subject=f"user:{user.id}", ip=ip)

@@ -4,7 +4,9 @@ the card the school gave them, and is signed in.
 Every failure of the code (unknown login, wrong, expired or used code, locked account)
 gets one and the same message, so the page does not reveal which accounts exist.
 AccountAdmin voids a code after 10 failures; this page also limits POSTs per client
-IP, so codes cannot be guessed across many accounts from one place."""
+IP, so codes cannot be guessed across many accounts from one place; a failed code also
+counts against the client IP's sign-in throttle (guessing codes or passwords is the
+same guessing), whose growing delays apply here too."""
 
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ def activate() -> Any:
                       minutes=minutes),
         )
         return page, 429, {"Retry-After": str(wait)}
+    client_ip = request.remote_addr or "unknown"
+    svc.login_ip_throttle.guard(client_ip)
     login_name = (form.login.data or "").strip().casefold()
     if not form.validate_on_submit() or not form.check(login=login_name):
         return render_template("activate.html", form=form, error=None), 400
@@ -87,8 +91,14 @@ def activate() -> Any:
     except ActivationError:
         # Keep the failure count and the journal event of the failed attempt.
         db.commit()
+        svc.login_ip_throttle.fail(client_ip)
         error = _("The login or activation code is not valid, or the code has expired or was already used.")
         return render_template("activate.html", form=form, error=error), 400
+    # The names are checked only now that the card's code proved who this is: checking
+    # them earlier would tell anyone typing a login whether that person's name is in it.
+    if not form.check(login=login_name, names=[user.display_name]):
+        db.rollback()
+        return render_template("activate.html", form=form, error=None), 400
     # The account's password was just set by someone holding its card: whatever was
     # signed in before ends, as after any password change.
     svc.sessions.end_all(db, user.id)

@@ -6,13 +6,14 @@ in the (anonymous) session remembers who proved their password and where the sig
 was going, and the person must choose a new password here first (STYLE 7, two-step
 sign-in). Only then is the session created and the sign-in continued.
 
-The new-password rules below are shared with ``/activate``; the fuller password
-policy (breached and context words) replaces ``new_password_problems`` later."""
+The new-password form below is shared with ``/activate`` and ``/account/password``;
+the rules themselves are the password policy (idp/accounts/password_policy.py)."""
 
 from __future__ import annotations
 
 import time
 import unicodedata
+from collections.abc import Container, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +25,9 @@ from sqlalchemy.orm import Session
 from wtforms import PasswordField
 from wtforms.validators import InputRequired, Length
 
+from idp.accounts import password_policy
 from idp.accounts.models import User
+from idp.accounts.password_policy import PasswordProblem
 from idp.accounts.passwords import PasswordHashing
 from idp.audit.journal import Journal
 from idp.audit.web import audit_event
@@ -32,12 +35,13 @@ from idp.login.flow import complete_sign_in
 from idp.login.views import _after_sign_in, bp, safe_next
 from idp.services import services
 
-# DESIGN "Credentials": 15 characters when the account signs in with a password
-# alone, at most 128; counted in code points after NFC (NIST 800-63B-4 §3.1.1.2).
-MIN_PASSWORD_LENGTH = 15
-MAX_PASSWORD_LENGTH = 128
 PENDING_KEY = "pending_password_change"
 PENDING_SECONDS = 600
+# Kept for callers that show the limits; the policy module owns them.
+MAX_PASSWORD_LENGTH = password_policy.MAX_LENGTH
+
+MISMATCH = "mismatch"
+UNCHANGED = "unchanged"
 
 
 def new_password_problems(
@@ -45,31 +49,57 @@ def new_password_problems(
     confirm: str,
     *,
     login: str,
+    names: Iterable[str] = (),
+    context_words: Iterable[str] = (),
+    blocklist: Container[str] = frozenset(),
+    min_length: int = password_policy.MIN_LENGTH_PASSWORD_ONLY,
     current_hash: str | None = None,
     passwords: PasswordHashing | None = None,
-) -> list[str]:
-    """The rules a new password breaks, as codes: ``too_short``, ``too_long``,
-    ``is_login``, ``mismatch``, ``unchanged``. Empty when the password is acceptable."""
-    problems: list[str] = []
-    normalised = unicodedata.normalize("NFC", password)
-    if len(normalised) < MIN_PASSWORD_LENGTH:
-        problems.append("too_short")
-    elif len(normalised) > MAX_PASSWORD_LENGTH:
-        problems.append("too_long")
-    # Logins are stored case-folded, so the comparison is too.
-    if login and normalised.strip().casefold() == login.strip().casefold():
-        problems.append("is_login")
-    if normalised != unicodedata.normalize("NFC", confirm):
-        problems.append("mismatch")
+) -> list[PasswordProblem]:
+    """The policy's problems with ``password``, plus the form's own rules: the two
+    entries differ (``mismatch``) or the password is the current one (``unchanged``)."""
+    problems = password_policy.check_password(
+        password, min_length=min_length, login=login, names=names, context_words=context_words,
+        blocklist=blocklist,
+    )
+    if unicodedata.normalize("NFC", password) != unicodedata.normalize("NFC", confirm):
+        problems.append(PasswordProblem(MISMATCH))
+    # Only when everything else passed: verifying costs an argon2id computation.
     if not problems and current_hash and passwords is not None and passwords.verify(current_hash, password):
-        problems.append("unchanged")
+        problems.append(PasswordProblem(UNCHANGED))
     return problems
 
 
-class NewPasswordForm(FlaskForm):
-    """The new password, typed twice; ``check`` turns rule codes into field errors."""
+def problem_message(problem: PasswordProblem) -> str:
+    """The translated reason for one problem (ASVS 6.2.12: say why it was refused)."""
+    code = problem.code
+    if code == password_policy.TOO_SHORT:
+        return _("The password must be at least %(min)d characters long.", min=problem.limit or 0)
+    if code == password_policy.TOO_LONG:
+        return _("The password must be at most %(max)d characters long.", max=problem.limit or 0)
+    if code == password_policy.CONTAINS_LOGIN:
+        return _("The password must not contain your login.")
+    if code == password_policy.CONTAINS_NAME:
+        return _("The password must not contain your name.")
+    if code == password_policy.CONTEXT_WORD:
+        return _("The password must not contain the word “%(word)s”: it is among the first guesses "
+                 "of anyone who knows this school.", word=problem.word or "")
+    if code == password_policy.COMMON_PASSWORD:
+        return _("This password is on a list of common or leaked passwords that attackers try first. "
+                 "Choose another one.")
+    if code == MISMATCH:
+        return _("The two passwords are not the same.")
+    if code == UNCHANGED:
+        return _("Choose a password different from your current one.")
+    raise ValueError(f"unknown password problem {code!r}")
 
-    min_length = MIN_PASSWORD_LENGTH
+
+class NewPasswordForm(FlaskForm):
+    """The new password, typed twice; ``check`` turns the policy's problems into field errors."""
+
+    # Today every account can sign in with a password alone (no second factor yet),
+    # so every account gets the longer minimum (DESIGN "Credentials").
+    min_length = password_policy.minimum_length(has_second_factor=False)
     max_length = MAX_PASSWORD_LENGTH
 
     # The browser limit is a little above the rule so that a too-long password gets the
@@ -81,32 +111,33 @@ class NewPasswordForm(FlaskForm):
         validators=[InputRequired(message=_l("Type the new password again.")), Length(max=4 * MAX_PASSWORD_LENGTH)]
     )
 
-    def check(self, *, login: str, current_hash: str | None = None, passwords: PasswordHashing | None = None) -> bool:
+    def check(
+        self, *, login: str, names: Iterable[str] = (), current_hash: str | None = None,
+        passwords: PasswordHashing | None = None,
+    ) -> bool:
+        svc = services()
         problems = new_password_problems(
-            self.password.data or "", self.confirm.data or "", login=login, current_hash=current_hash,
-            passwords=passwords,
+            self.password.data or "", self.confirm.data or "", login=login, names=names,
+            context_words=password_policy.context_words_from(
+                svc.settings.password_context_words, svc.settings.school_name
+            ),
+            blocklist=svc.blocklist, min_length=self.min_length, current_hash=current_hash, passwords=passwords,
         )
-        messages = {
-            "too_short": (self.password, _("The password must be at least %(min)d characters long.",
-                                           min=MIN_PASSWORD_LENGTH)),
-            "too_long": (self.password, _("The password must be at most %(max)d characters long.",
-                                          max=MAX_PASSWORD_LENGTH)),
-            "is_login": (self.password, _("The password must not be the same as your login.")),
-            "mismatch": (self.confirm, _("The two passwords are not the same.")),
-            "unchanged": (self.password, _("Choose a password different from your current one.")),
-        }
-        for code in problems:
-            field, message = messages[code]
-            field.errors = [*field.errors, message]
+        self.add_problems(problems)
         return not problems
+
+    def add_problems(self, problems: list[PasswordProblem]) -> None:
+        for problem in problems:
+            field = self.confirm if problem.code == MISMATCH else self.password
+            field.errors = [*field.errors, problem_message(problem)]
 
 
 def save_new_password(
     db: Session, passwords: PasswordHashing, journal: Journal, user: User, new_password: str, *,
-    ip: str | None, request_id: str | None,
+    ip: str | None, request_id: str | None, required: bool = True, ended_other_sessions: bool | None = None,
 ) -> None:
     """Store the new password (argon2id), clear the required action and journal it, in
-    the caller's transaction."""
+    the caller's transaction. ``required`` says whether support asked for the change."""
     user.password_hash = passwords.hash(new_password)
     user.password_changed_at = datetime.now(UTC).replace(tzinfo=None)
     user.must_change_password = False
@@ -117,7 +148,8 @@ def save_new_password(
         subject=f"user:{user.id}",
         ip=ip,
         request_id=request_id,
-        details={"required": True},
+        details={"required": required}
+        | ({} if ended_other_sessions is None else {"ended_other_sessions": ended_other_sessions}),
     )
 
 
@@ -160,7 +192,7 @@ def password_change_required() -> Any:
         return render_template("password_change_required.html", form=form)
     svc = services()
     if not form.validate_on_submit() or not form.check(
-        login=user.login, current_hash=user.password_hash, passwords=svc.passwords
+        login=user.login, names=[user.display_name], current_hash=user.password_hash, passwords=svc.passwords
     ):
         return render_template("password_change_required.html", form=form), 400
     db = svc.db.session

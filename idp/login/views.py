@@ -18,6 +18,13 @@ from idp.accounts.models import User
 from idp.audit.web import audit_event
 from idp.i18n import LANGUAGES
 from idp.login.flow import complete_sign_in, sign_out
+from idp.login.throttle import (
+    PASSWORD,
+    Throttled,
+    is_disabled,
+    record_credential_failure,
+    reset_credential_failures,
+)
 from idp.services import services
 
 bp = Blueprint("login", __name__)
@@ -77,17 +84,42 @@ def login() -> Any:
     svc = services()
     db = svc.db.session
     login_name = form.login.data.strip().casefold()
+    client_ip = request.remote_addr or "unknown"
+    # Checked before the account is looked up, and per login string whether or not an
+    # account has it, so a throttled answer says nothing about existence.
+    waits = [w for w in (svc.login_ip_throttle.check(client_ip), svc.login_account_throttle.check(login_name)) if w]
+    if waits:
+        raise Throttled(max(waits), "login")
     # No login holds a NUL, and PostgreSQL refuses one in a query: such a login is unknown.
     user = None if "\x00" in login_name else db.scalar(select(User).where(User.login == login_name))
     ok = svc.passwords.verify(user.password_hash if user else None, form.password.data)
-    if not ok or user is None:
-        audit_event(
-            "account:login:failure",
-            subject=f"user:{user.id}" if user else None,
-            details={"login": login_name[:64], "factor": "pwd"},
-        )
+    if not ok or user is None or is_disabled(user, PASSWORD):
+        svc.login_ip_throttle.fail(client_ip)
+        svc.login_account_throttle.fail(login_name)
+        if user is not None and ok:
+            # N12: the right password of a disabled password is refused exactly like a
+            # wrong one (no hint to a guesser that this guess was right).
+            audit_event("account:login:refused", subject=f"user:{user.id}", reason="credential-disabled",
+                        details={"login": login_name[:64], "credential": PASSWORD.kind})
+        else:
+            if user is not None and record_credential_failure(
+                db, user.id, PASSWORD, limit=svc.settings.credential_max_failures
+            ):
+                audit_event("account:credential:disabled", actor="system", subject=f"user:{user.id}",
+                            reason="too-many-failures",
+                            details={"credential": PASSWORD.kind, "failures": svc.settings.credential_max_failures},
+                            commit=False)
+            audit_event(
+                "account:login:failure",
+                subject=f"user:{user.id}" if user else None,
+                details={"login": login_name[:64], "factor": "pwd"},
+            )
         form.password.errors.append(_("The login or password is incorrect."))
         return render_template("login.html", form=form), 401
+    # N13: a right password ends the run of failures, in Redis and in the database.
+    svc.login_account_throttle.reset(login_name)
+    reset_credential_failures(db, user.id, PASSWORD)
+    db.commit()
     if not user.can_sign_in:
         audit_event(
             "account:login:refused",
@@ -142,4 +174,8 @@ def set_language() -> Any:
 
 
 # Registers the activation and required-password-change views on ``bp`` (they import from here).
-from idp.login import activation, required  # noqa: E402,F401
+from idp.login import (  # noqa: E402,F401
+    activation,
+    password,  # noqa: E402,F401  (the self-service /account/password)
+    required,
+)
