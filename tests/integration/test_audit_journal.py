@@ -132,3 +132,28 @@ def test_verify_notices_rows_cut_from_the_end(server, browser, make_user):
         assert result.exit_code == 1 and "missing" in result.output
 
     _with_restore(server, change, check)
+
+
+def test_several_processes_writing_keep_the_chain(server):
+    """Two OS processes (as two server processes would) append at the same time."""
+    import subprocess
+    import sys
+
+    settings = server.services.settings
+    script = (
+        "import sys\n"
+        "from idp.config import Settings\n"
+        "from idp.services import Services\n"
+        "svc = Services.build(Settings.from_env(environ={}, database_url=sys.argv[1], redis_url=sys.argv[2]))\n"
+        "for i in range(25):\n"
+        "    with svc.db.transaction() as session:\n"
+        "        svc.journal.record(session, actor='test:process', action='test:multiprocess', details={'i': i})\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, settings.database_url, settings.redis_url])  # noqa: S603
+        for _ in range(2)
+    ]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    assert len([e for e in events(server, "test:multiprocess")]) >= 50
+    result = run(server, "audit", "verify")
+    assert result.exit_code == 0, result.output
