@@ -15,6 +15,7 @@ from idp.config import Settings
 from idp.crypto import SecretBox
 from idp.db import Database
 from idp.login.throttle import Throttle
+from idp.mfa.service import TwoFactorService
 from idp.notify.jobs import build_mail_transport, build_outbox
 from idp.notify.outbox import Outbox
 from idp.oidc.keys import KeyService
@@ -40,6 +41,8 @@ class Services:
     # Durable mail (idp/notify/outbox.py) and the transport the worker delivers through.
     outbox: Outbox
     mail: MailTransport
+    # TOTP seeds (sealed with their own key purpose), used steps and recovery codes.
+    two_factor: TwoFactorService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -80,6 +83,11 @@ class Services:
             ),
             outbox=build_outbox(settings),
             mail=build_mail_transport(settings),
+            two_factor=TwoFactorService(
+                redis=redis, passwords=passwords,
+                box=SecretBox(settings.data_key or settings.secret_key, "totp-seeds"),
+                school_name=settings.school_name,
+            ),
         )
 
 

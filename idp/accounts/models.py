@@ -113,6 +113,15 @@ class User(UserMixin, Base):
     password_failures: Mapped[int] = mapped_column(Integer, default=0)
     password_disabled_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
+    # TOTP (issue 4): the seed encrypted at rest (SecretBox purpose "totp-seeds", N20);
+    # enabled once the first code confirmed it. The last used time step lives in Redis
+    # (``totp-step:{user_id}``), not here.
+    totp_secret_encrypted: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    totp_enabled_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # The TOTP credential's own consecutive-failure counter (N12/N19, idp/login/throttle.py).
+    totp_failures: Mapped[int] = mapped_column(Integer, default=0)
+    totp_disabled_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
     roles: Mapped[list[Role]] = relationship(secondary=user_roles, lazy="selectin")
     classes: Mapped[list[SchoolClass]] = relationship(secondary=class_members, lazy="selectin")
     children: Mapped[list[User]] = relationship(
@@ -146,6 +155,10 @@ class User(UserMixin, Base):
         return sorted(c.name for c in self.classes)
 
     @property
+    def has_totp(self) -> bool:
+        return self.totp_enabled_at is not None and self.totp_secret_encrypted is not None
+
+    @property
     def can_sign_in(self) -> bool:
         return self.active and not self.locked
 
@@ -173,3 +186,15 @@ class ActivationCode(Base):
 @event.listens_for(User, "before_update")
 def _fold_search_name(_mapper: object, _connection: object, user: User) -> None:
     user.search_name = (user.display_name or "").casefold()[:255]
+
+
+class RecoveryCode(Base):
+    """One of the ten single-use recovery codes, argon2id-hashed (ASVS 6.5.2)."""
+
+    __tablename__ = "recovery_codes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -19,8 +19,10 @@ from redis import Redis
 from wtforms import StringField
 from wtforms.validators import InputRequired, Length
 
+from idp.accounts import password_policy
 from idp.accounts.admin import ActivationError, redeem_activation_code
 from idp.audit.web import audit_event
+from idp.login import two_factor
 from idp.login.flow import complete_sign_in
 from idp.login.required import NewPasswordForm
 from idp.login.views import _after_sign_in, bp
@@ -80,7 +82,11 @@ def activate() -> Any:
     client_ip = request.remote_addr or "unknown"
     svc.login_ip_throttle.guard(client_ip)
     login_name = (form.login.data or "").strip().casefold()
-    if not form.validate_on_submit() or not form.check(login=login_name):
+    # The account is not known yet, so only the lowest minimum is checked here (checking
+    # its own would tell a stranger whether it has a second factor); its own is below.
+    if not form.validate_on_submit() or not form.check(
+        login=login_name, min_length=password_policy.MIN_LENGTH_WITH_SECOND_FACTOR
+    ):
         return render_template("activate.html", form=form, error=None), 400
     db = svc.db.session
     try:
@@ -96,13 +102,19 @@ def activate() -> Any:
         return render_template("activate.html", form=form, error=error), 400
     # The names are checked only now that the card's code proved who this is: checking
     # them earlier would tell anyone typing a login whether that person's name is in it.
-    if not form.check(login=login_name, names=[user.display_name]):
+    if not form.check(
+        login=login_name, names=[user.display_name],
+        min_length=password_policy.minimum_length(has_second_factor=user.has_totp),
+    ):
         db.rollback()
         return render_template("activate.html", form=form, error=None), 400
     # The account's password was just set by someone holding its card: whatever was
     # signed in before ends, as after any password change.
     svc.sessions.end_all(db, user.id)
     db.commit()
+    if user.has_totp:
+        # ASVS 6.4.3: a card resets the password, never the second factor.
+        return two_factor.begin_second_factor(user, None, None)
     complete_sign_in(user, ["pwd"])
     audit_event("account:login:success", actor=f"user:{user.id}", subject=f"user:{user.id}",
                 details={"amr": ["pwd"], "activation": True})

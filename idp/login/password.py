@@ -52,7 +52,7 @@ def change_password() -> Any:
     user = db.get(User, current_user.id)
     if user is None:
         return redirect(url_for("login.login"), code=302)
-    form = ChangePasswordForm()
+    form = ChangePasswordForm().for_account(user)
     if request.method == "GET":
         return render_template("account_password.html", form=form)
     if not form.validate_on_submit():

@@ -97,8 +97,8 @@ def problem_message(problem: PasswordProblem) -> str:
 class NewPasswordForm(FlaskForm):
     """The new password, typed twice; ``check`` turns the policy's problems into field errors."""
 
-    # Today every account can sign in with a password alone (no second factor yet),
-    # so every account gets the longer minimum (DESIGN "Credentials").
+    # The longer minimum unless the view knows the account always gives a second
+    # factor (``for_account``), DESIGN "Credentials".
     min_length = password_policy.minimum_length(has_second_factor=False)
     max_length = MAX_PASSWORD_LENGTH
 
@@ -113,18 +113,26 @@ class NewPasswordForm(FlaskForm):
 
     def check(
         self, *, login: str, names: Iterable[str] = (), current_hash: str | None = None,
-        passwords: PasswordHashing | None = None,
+        passwords: PasswordHashing | None = None, min_length: int | None = None,
     ) -> bool:
+        """Add the policy's problems as field errors; ``min_length`` overrides the
+        form's own minimum (the account's, once it is known)."""
         svc = services()
         problems = new_password_problems(
             self.password.data or "", self.confirm.data or "", login=login, names=names,
             context_words=password_policy.context_words_from(
                 svc.settings.password_context_words, svc.settings.school_name
             ),
-            blocklist=svc.blocklist, min_length=self.min_length, current_hash=current_hash, passwords=passwords,
+            blocklist=svc.blocklist, min_length=self.min_length if min_length is None else min_length,
+            current_hash=current_hash, passwords=passwords,
         )
         self.add_problems(problems)
         return not problems
+
+    def for_account(self, user: User) -> NewPasswordForm:
+        """Use ``user``'s minimum: 8 when TOTP is enabled (every sign-in asks for it), else 15."""
+        self.min_length = password_policy.minimum_length(has_second_factor=user.has_totp)
+        return self
 
     def add_problems(self, problems: list[PasswordProblem]) -> None:
         for problem in problems:
@@ -153,9 +161,12 @@ def save_new_password(
     )
 
 
-def begin_required_password_change(user: User, flow: str | None, next_url: str | None) -> Any:
-    """Called by ``login()`` after the password was verified: remember who and where to,
-    then ask for the new password. The session is not signed in yet."""
+def begin_required_password_change(
+    user: User, flow: str | None, next_url: str | None, amr: list[str] | None = None
+) -> Any:
+    """Called by ``login()`` after the password (and the second step, whose ``amr`` is
+    passed on) was verified: remember who and where to, then ask for the new password.
+    The session is not signed in yet."""
     # A new session id, so that a session planted before the password was typed cannot
     # be used to choose the victim's new password (session fixation, ASVS 7.2.4).
     session.regenerate()  # type: ignore[attr-defined]
@@ -163,6 +174,7 @@ def begin_required_password_change(user: User, flow: str | None, next_url: str |
         "uid": user.id,
         "flow": flow or None,
         "next": safe_next(next_url),
+        "amr": list(amr or ["pwd"]),
         "expires": time.time() + PENDING_SECONDS,
     }
     return redirect(url_for("login.password_change_required"), code=303)
@@ -187,7 +199,7 @@ def password_change_required() -> Any:
         # Expired or never started: the person signs in again (no detail is given).
         return redirect(url_for("login.login"), code=303)
     pending, user = found
-    form = NewPasswordForm()
+    form = NewPasswordForm().for_account(user)
     if request.method == "GET":
         return render_template("password_change_required.html", form=form)
     svc = services()
@@ -204,7 +216,8 @@ def password_change_required() -> Any:
     # tokens portal apps hold (the password was required to change for a reason).
     svc.sessions.end_all(db, user.id)
     db.commit()
-    complete_sign_in(user, ["pwd"])
+    amr = [str(m) for m in pending.get("amr") or ["pwd"]]
+    complete_sign_in(user, amr)
     audit_event("account:login:success", actor=f"user:{user.id}", subject=f"user:{user.id}",
-                details={"amr": ["pwd"], "password_changed": True})
+                details={"amr": amr, "password_changed": True})
     return _after_sign_in(pending.get("flow"), pending.get("next"))

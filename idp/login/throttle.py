@@ -124,6 +124,7 @@ class Credential:
 
 
 PASSWORD = Credential("password", User.password_failures, User.password_disabled_at)
+TOTP = Credential("totp", User.totp_failures, User.totp_disabled_at)
 
 
 def record_credential_failure(db: Session, user_id: int, credential: Credential, *, limit: int) -> bool:

@@ -116,8 +116,11 @@ def login() -> Any:
             )
         form.password.errors.append(_("The login or password is incorrect."))
         return render_template("login.html", form=form), 401
-    # N13: a right password ends the run of failures, in Redis and in the database.
-    svc.login_account_throttle.reset(login_name)
+    # N13: a right password ends the run of failures, in Redis and in the database. With
+    # TOTP the account's throttle goes on counting until the second step is done too, or
+    # typing the password again would buy fresh guesses at the code (N19).
+    if not user.has_totp:
+        svc.login_account_throttle.reset(login_name)
     reset_credential_failures(db, user.id, PASSWORD)
     db.commit()
     if not user.can_sign_in:
@@ -134,6 +137,10 @@ def login() -> Any:
     if user.password_hash and svc.passwords.needs_rehash(user.password_hash):
         user.password_hash = svc.passwords.hash(form.password.data)
         db.commit()
+    if user.has_totp:
+        # Second step (idp/login/two_factor.py): no session until a code is given; the
+        # required password change, if any, comes after it.
+        return two_factor.begin_second_factor(user, form.flow.data or None, form.next.data)
     if user.must_change_password:
         # Required action: no session until a new password is set (idp/login/required.py).
         return required.begin_required_password_change(user, form.flow.data or None, form.next.data)
@@ -178,4 +185,5 @@ from idp.login import (  # noqa: E402,F401
     activation,
     password,  # noqa: E402,F401  (the self-service /account/password)
     required,
+    two_factor,  # noqa: E402,F401  (/login/second-factor and /account/2fa)
 )

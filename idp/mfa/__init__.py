@@ -1,0 +1,1 @@
+"""Second factors: TOTP (replay-safe) and recovery codes."""
