@@ -117,7 +117,7 @@ def set_failures(live: LiveServer, user_id: int, failures: int) -> None:
 def events(live: LiveServer, action: str, user_id: int) -> list[AuditEvent]:
     with live.services.db.transaction() as session:
         rows = list(session.scalars(
-            select(AuditEvent).where(AuditEvent.action == action, AuditEvent.subject == f"user:{user_id}")
+            select(AuditEvent).where(AuditEvent.action == action, AuditEvent.subject == f"user:{user_id}").order_by(AuditEvent.seq)
         ))
         for row in rows:
             session.expunge(row)

@@ -99,7 +99,7 @@ def test_success_changes_the_password_ends_other_sessions_and_keeps_this_one(ser
     with server.services.db.transaction() as session:
         event = session.scalars(
             select(AuditEvent).where(AuditEvent.action == "account:password:change",
-                                     AuditEvent.subject == f"user:{person.id}")
+                                     AuditEvent.subject == f"user:{person.id}").order_by(AuditEvent.seq)
         ).one()
         assert event.actor == f"user:{person.id}"
         assert event.details == {"required": False, "ended_other_sessions": True}

@@ -57,7 +57,9 @@ def db_user(server, user_id: int) -> User:
 def events(server, action: str, user_id: int) -> list[AuditEvent]:
     with server.services.db.transaction() as session:
         rows = list(session.scalars(
-            select(AuditEvent).where(AuditEvent.action == action, AuditEvent.subject == f"user:{user_id}")
+            select(AuditEvent)
+            .where(AuditEvent.action == action, AuditEvent.subject == f"user:{user_id}")
+            .order_by(AuditEvent.seq)
         ))
         for row in rows:
             session.expunge(row)

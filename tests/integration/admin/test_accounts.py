@@ -70,7 +70,7 @@ def journal(server, user_id: int, action: str) -> list[AuditEvent]:
     with server.services.db.transaction() as session:
         rows = list(
             session.scalars(
-                select(AuditEvent).where(AuditEvent.subject == f"user:{user_id}", AuditEvent.action == action)
+                select(AuditEvent).where(AuditEvent.subject == f"user:{user_id}", AuditEvent.action == action).order_by(AuditEvent.seq)
             )
         )
         for row in rows:

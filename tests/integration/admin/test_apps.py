@@ -86,7 +86,7 @@ def load_client(server, *, client_id: str | None = None, name: str | None = None
 def events(server, action: str, subject: str) -> list[AuditEvent]:
     with server.services.db.transaction() as session:
         return list(
-            session.scalars(select(AuditEvent).where(AuditEvent.action == action, AuditEvent.subject == subject))
+            session.scalars(select(AuditEvent).where(AuditEvent.action == action, AuditEvent.subject == subject).order_by(AuditEvent.seq))
         )
 
 

@@ -92,7 +92,7 @@ def test_filters_names_and_bishkek_times(server, browser, make_user):
     by_login = browser.get("/admin/audit", params={"actor": person.login})
     assert by_login.status_code == 200
     with server.services.db.transaction() as session:
-        mine = list(session.scalars(select(AuditEvent).where(AuditEvent.actor == f"user:{person.id}")
+        mine = list(session.scalars(select(AuditEvent).where(AuditEvent.actor == f"user:{person.id}").order_by(AuditEvent.seq)
                                     .order_by(AuditEvent.seq.desc())))
     assert mine and row_seqs(by_login.text) == [e.seq for e in mine]
     # The person is shown by name and login, not as "user:N".
@@ -185,11 +185,11 @@ def test_csv_export_is_filtered_bom_and_formula_safe(server, browser, make_user)
     assert rows[0]["reason"] == "'+1 -1 =SUM(A1)"
     assert json.loads(rows[1]["details"]) == {"i": 1}
     with server.services.db.transaction() as session:
-        stored = session.scalar(select(AuditEvent).where(AuditEvent.seq == seqs[0]))
+        stored = session.scalar(select(AuditEvent).where(AuditEvent.seq == seqs[0]).order_by(AuditEvent.seq))
         assert rows[0]["hash"] == stored.hash and rows[0]["prev_hash"] == stored.prev_hash
         # Reading the journal in bulk is journaled.
         exports = list(session.scalars(select(AuditEvent).where(
-            AuditEvent.action == "audit:export", AuditEvent.actor == f"user:{officer.id}")))
+            AuditEvent.action == "audit:export", AuditEvent.actor == f"user:{officer.id}").order_by(AuditEvent.seq)))
     assert exports and exports[-1].details["filters"] == {"action": tag}
 
 

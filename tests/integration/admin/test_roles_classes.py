@@ -50,7 +50,7 @@ def custom_role(server, permissions: set[str] | None = None) -> str:
 
 def events(server, action: str, subject: str) -> list[AuditEvent]:
     with server.services.db.transaction() as session:
-        return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action, AuditEvent.subject == subject)))
+        return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action, AuditEvent.subject == subject).order_by(AuditEvent.seq)))
 
 
 def unique_class_name() -> str:
