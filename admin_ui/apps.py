@@ -22,7 +22,7 @@ from wtforms.validators import DataRequired, Length, ValidationError
 
 from admin_ui import bp
 from admin_ui.csv_export import BOM, safe_cell
-from admin_ui.guard import current_actor, requires
+from admin_ui.guard import current_actor, record_console_event, requires
 from admin_ui.nav import add_nav
 from idp.access.roles import who_has_access
 from idp.accounts.models import Role
@@ -227,18 +227,7 @@ def _client_or_404(client_id: str) -> Client:
 
 def _record(action: str, client: Client, *, reason: str | None = None, details: dict[str, Any] | None = None) -> None:
     """Journal a console change to an app in the same transaction as the change."""
-    svc = services()
-    actor = current_actor()
-    svc.journal.record(
-        svc.db.session,
-        actor=actor.ref,
-        action=action,
-        subject=f"client:{client.client_id}",
-        reason=reason,
-        ip=actor.ip,
-        request_id=actor.request_id,
-        details=details or {},
-    )
+    record_console_event(action, subject=f"client:{client.client_id}", reason=reason, details=details)
 
 
 def registration_of(client: Client) -> dict[str, Any]:

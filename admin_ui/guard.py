@@ -59,3 +59,23 @@ def requires(permission: str) -> Callable[[F], F]:
 
 def can(permission: str) -> bool:
     return bool(current_user.is_authenticated and permission in current_user.permissions)
+
+
+def record_console_event(
+    action: str, *, subject: str, reason: str | None = None, details: dict[str, Any] | None = None
+) -> None:
+    """Journal a console change in the request's transaction, as the signed-in actor."""
+    from idp.services import services
+
+    svc = services()
+    actor = current_actor()
+    svc.journal.record(
+        svc.db.session,
+        actor=actor.ref,
+        action=action,
+        subject=subject,
+        reason=reason,
+        ip=actor.ip,
+        request_id=actor.request_id,
+        details=details or {},
+    )

@@ -16,7 +16,7 @@ from wtforms import SelectMultipleField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, ValidationError
 
 from admin_ui import bp
-from admin_ui.guard import current_actor, requires
+from admin_ui.guard import current_actor, record_console_event, requires
 from admin_ui.nav import add_nav
 from idp.access.permissions import PERMISSIONS
 from idp.access.roles import ROLE_NAME, RoleError, create_role, delete_role, set_permissions
@@ -88,18 +88,7 @@ def _member_counts() -> dict[int, int]:
 
 
 def _record(action: str, role_name: str, *, reason: str | None = None, **details: object) -> None:
-    svc = services()
-    actor = current_actor()
-    svc.journal.record(
-        svc.db.session,
-        actor=actor.ref,
-        action=action,
-        subject=f"role:{role_name}",
-        reason=reason,
-        ip=actor.ip,
-        request_id=actor.request_id,
-        details=dict(details),
-    )
+    record_console_event(action, subject=f"role:{role_name}", reason=reason, details=dict(details))
 
 
 def _beyond_actor(permissions: set[str]) -> list[str]:
