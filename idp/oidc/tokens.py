@@ -213,44 +213,24 @@ class TokenService:
         return claims, record
 
     # --- revoking -----------------------------------------------------------------
+    @staticmethod
+    def _revoke_where(session: Session, field: str, value: object) -> None:
+        """Revoke the refresh and access tokens whose ``field`` equals ``value``."""
+        now = int(time.time())
+        for model in (RefreshToken, AccessToken):
+            column = getattr(model, field)
+            session.execute(
+                update(model).where(column == value, model.revoked_at.is_(None)).values(revoked_at=now)
+            )
+
     def revoke_family(self, session: Session, family_id: str) -> None:
         """Revoke every refresh and access token descended from one grant."""
-        now = int(time.time())
-        session.execute(
-            update(RefreshToken)
-            .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
-            .values(revoked_at=now)
-        )
-        session.execute(
-            update(AccessToken)
-            .where(AccessToken.family_id == family_id, AccessToken.revoked_at.is_(None))
-            .values(revoked_at=now)
-        )
+        self._revoke_where(session, "family_id", family_id)
 
     def revoke_session(self, session: Session, sid: str) -> None:
         """Revoke the tokens bound to one browser session (sign-out)."""
-        now = int(time.time())
-        session.execute(
-            update(RefreshToken)
-            .where(RefreshToken.sid == sid, RefreshToken.revoked_at.is_(None))
-            .values(revoked_at=now)
-        )
-        session.execute(
-            update(AccessToken)
-            .where(AccessToken.sid == sid, AccessToken.revoked_at.is_(None))
-            .values(revoked_at=now)
-        )
+        self._revoke_where(session, "sid", sid)
 
     def revoke_user(self, session: Session, user_id: int) -> None:
         """Revoke every token of an account (lock, disable, end all sessions)."""
-        now = int(time.time())
-        session.execute(
-            update(RefreshToken)
-            .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None))
-            .values(revoked_at=now)
-        )
-        session.execute(
-            update(AccessToken)
-            .where(AccessToken.user_id == user_id, AccessToken.revoked_at.is_(None))
-            .values(revoked_at=now)
-        )
+        self._revoke_where(session, "user_id", user_id)
