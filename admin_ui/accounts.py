@@ -50,7 +50,7 @@ STATES = ("active", "locked", "disabled")
 def account_admin() -> AccountAdmin:
     svc = services()
     return AccountAdmin(db=svc.db.session, journal=svc.journal, passwords=svc.passwords, sessions=svc.sessions,
-                        login_throttle=svc.login_account_throttle)
+                        login_throttle=svc.login_account_throttle, two_factor=svc.two_factor)
 
 
 def _account_or_404(user_id: int) -> User:
@@ -591,6 +591,25 @@ def account_reenable_password(user_id: int) -> Any:
         endpoint="admin.account_reenable_password",
         perform=account_admin().reenable_password,
         done=lambda _result: _("The password was re-enabled. The person can sign in with it again."),
+    )
+
+
+@bp.route("/accounts/<int:user_id>/two-factor/reset", methods=["GET", "POST"])
+@requires("support:credentials:reset")
+def account_reset_two_factor(user_id: int) -> Any:
+    user = _account_or_404(user_id)
+    if not user.has_totp:
+        return _back_with(user, _("Two-factor sign-in is not on for this account."))
+    return _confirmed_action(
+        user,
+        title=_("Reset two-factor sign-in of %(login)s", login=user.login),
+        explanation=_("The authenticator app and the recovery codes are removed and every session ends. Do this "
+                      "only after you have made sure who is asking (in person, with a document). The person "
+                      "then signs in with the password alone and should set up the app again at once."),
+        button=_("Reset two-factor sign-in"),
+        endpoint="admin.account_reset_two_factor",
+        perform=account_admin().reset_two_factor,
+        done=lambda ended: _("Two-factor sign-in was reset. Sessions ended: %(count)d.", count=ended),
     )
 
 

@@ -17,6 +17,7 @@ from idp.accounts.passwords import PasswordHashing
 from idp.accounts.service import AccountError, create_user, normalise_login
 from idp.audit.journal import Journal
 from idp.login.throttle import Throttle
+from idp.mfa.service import TwoFactorService
 from idp.sessions.registry import SessionRegistry
 
 # Unambiguous characters for codes printed on cards (no 0/O, 1/I/L).
@@ -80,6 +81,7 @@ class AccountAdmin:
         passwords: PasswordHashing,
         sessions: SessionRegistry,
         login_throttle: Throttle | None = None,
+        two_factor: TwoFactorService | None = None,
     ) -> None:
         self.db = db
         self.journal = journal
@@ -87,6 +89,8 @@ class AccountAdmin:
         self.sessions = sessions
         # The per-login sign-in throttle, cleared when support re-enables a password.
         self.login_throttle = login_throttle
+        # Needed only to reset a person's second factor (support).
+        self.two_factor = two_factor
 
     def _record(self, actor: Actor, action: str, user: User | None, reason: str | None = None, **details: object) -> None:
         self.journal.record(
@@ -262,6 +266,21 @@ class AccountAdmin:
             # Also the growing delay, so the person can sign in at once.
             self.login_throttle.reset(user.login)
         self._record(actor, "account:credential:enable", user, reason, credential="password", failures=failures)
+
+    def reset_two_factor(self, actor: Actor, user: User, reason: str) -> int:
+        """ASVS 6.4.4: a person who lost their second factor proves who they are to tech
+        support, who removes the authenticator app and recovery codes; every session ends,
+        and the person enrols again after signing in. Returns the sessions ended."""
+        self._need(actor, "support:credentials:reset")
+        reason = require_reason(reason)
+        if self.two_factor is None:
+            raise RuntimeError("AccountAdmin needs the two-factor service to reset it")
+        if not user.has_totp:
+            raise AccountError("two-factor sign-in is not on for this account")
+        self.two_factor.disable(self.db, user)
+        ended = self.sessions.end_all(self.db, user.id)
+        self._record(actor, "mfa:totp:reset", user, reason, sessions_ended=ended)
+        return ended
 
     def end_sessions(self, actor: Actor, user: User, reason: str) -> int:
         self._need(actor, "support:sessions:end")

@@ -414,3 +414,34 @@ def test_an_activation_card_resets_the_password_but_not_the_second_factor(server
     forget_used_step(server, person.id)
     page = browser.get("/login/second-factor")
     assert give_code(browser, page, code_at(secret)).status_code == 303 and signed_in(browser)
+
+
+# --- support resets a lost second factor (ASVS 6.4.4) ------------------------------------
+
+def test_support_resets_two_factor_with_a_reason_and_the_person_signs_in_with_the_password(server, make_user):
+    person, _secret, _codes = enrolled(server, make_user)
+    support_person = make_user(roles=("tech_support",))
+    support = english(server)
+    support.sign_in(support_person.login, support_person.password)
+    url = f"/admin/accounts/{person.id}/two-factor/reset"
+    page = support.get(url)
+    assert page.status_code == 200
+    refused = support.submit(page, url, confirm_login="someone-else", reason="lost phone, ID checked")
+    assert refused.status_code in (200, 400) and db_user(server, person.id).has_totp
+    page = support.get(url)
+    done = support.submit(page, url, confirm_login=person.login, reason="lost phone, ID checked")
+    assert done.status_code == 303
+    assert not db_user(server, person.id).has_totp
+    (event,) = events(server, "mfa:totp:reset", person.id)
+    assert event.reason == "lost phone, ID checked" and event.actor == f"user:{support_person.id}"
+    # The password alone signs in again (and the person can enrol anew).
+    browser = english(server)
+    assert browser.sign_in(person.login, person.password).headers["Location"].endswith("/")
+
+
+def test_only_credential_support_may_reset_two_factor(server, make_user):
+    person, _secret, _codes = enrolled(server, make_user)
+    officer_person = make_user(roles=("security_officer",))
+    officer = english(server)
+    officer.sign_in(officer_person.login, officer_person.password)
+    assert officer.get(f"/admin/accounts/{person.id}/two-factor/reset").status_code == 403
