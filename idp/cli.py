@@ -14,6 +14,7 @@ from flask import Flask
 from flask.cli import FlaskGroup, with_appcontext
 from sqlalchemy import select
 
+from idp.accounts import password_policy
 from idp.accounts.models import SchoolClass, User
 from idp.accounts.service import AccountError, create_user, ensure_roles
 from idp.oidc.clients import ClientError, create_client
@@ -186,7 +187,8 @@ DEMO_PEOPLE = [
 
 
 def _passphrase() -> str:
-    words = ["alma", "too", "jyldyz", "mektep", "kitep", "kol", "shamal", "bulut", "sabak", "darbaza", "nan", "ala-too"]
+    # No school context words (IDP_PASSWORD_CONTEXT_WORDS): the demo follows its own policy.
+    words = ["alma", "too", "jyldyz", "kitep", "kol", "shamal", "bulut", "sabak", "nan", "ala-too", "kar", "suu"]
     return "-".join(secrets.choice(words) for _ in range(4)) + "-" + str(secrets.randbelow(90) + 10)
 
 
@@ -213,8 +215,14 @@ def demo_seed(out_dir: str, demo_app_url: str) -> None:
         if not seeded:
             lines = []
             people = {}
+            context = password_policy.context_words_from(svc.settings.password_context_words, svc.settings.school_name)
             for login, name, roles, locale in DEMO_PEOPLE:
+                # The demo's own passwords pass the school's password policy.
                 password = _passphrase()
+                while password_policy.check_password(
+                    password, min_length=15, login=login, names=[name], context_words=context, blocklist=svc.blocklist
+                ):
+                    password = _passphrase()
                 people[login] = create_user(
                     session, svc.passwords, login=login, display_name=name, password=password, roles=roles, locale=locale
                 )
