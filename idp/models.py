@@ -2,6 +2,10 @@
 
 from idp.accounts.models import (
     ActivationCode,
+    Obligation,
+    ObligationAcceptance,
+    Passkey,
+    RecoveryCode,
     Role,
     RolePermission,
     SchoolClass,
@@ -26,6 +30,10 @@ __all__ = [
     "AccessToken",
     "OutboxMessage",
     "ActivationCode",
+    "Obligation",
+    "ObligationAcceptance",
+    "Passkey",
+    "RecoveryCode",
     "RolePermission",
     "SchoolClass",
     "class_members",

@@ -6,7 +6,19 @@ import uuid
 from datetime import UTC, datetime
 
 from flask_login import UserMixin
-from sqlalchemy import Boolean, Column, DateTime, ForeignKey, Integer, String, Table, Text, event
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    event,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from idp.db import Base
@@ -32,6 +44,10 @@ SEEDED_ROLES: dict[str, str] = {
     "security_officer": "Information security officer",
     "school_admin": "School administrator",
 }
+
+
+# Employees (policy 2.5) and everyone who can open the console: always two factors.
+SEEDED_ROLES_REQUIRING_2FA = frozenset({"teacher", "staff", "tech_support", "security_officer", "school_admin"})
 
 
 class_members = Table(
@@ -66,6 +82,10 @@ class Role(Base):
     description: Mapped[str] = mapped_column(String(255), default="")
     # Seeded roles cannot be deleted or renamed; their permissions can be changed.
     builtin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Everyone with this role must sign in with a second factor (TOTP or a passkey);
+    # without one, enrolment is a required action at the next sign-in. Seeded on for
+    # the school's employees (SEEDED_ROLES_REQUIRING_2FA).
+    requires_2fa: Mapped[bool] = mapped_column(Boolean, default=False)
     grants: Mapped[list[RolePermission]] = relationship(
         lazy="selectin", cascade="all, delete-orphan", passive_deletes=True
     )
@@ -97,6 +117,9 @@ class User(UserMixin, Base):
     # casefold(display_name), kept by the ORM, for case-insensitive search in any script.
     search_name: Mapped[str] = mapped_column(String(255), default="", index=True)
     email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    # When the person proved they read this address (a link sent to it); only a
+    # verified address can receive a password-reset link.
+    email_verified_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     locale: Mapped[str | None] = mapped_column(String(8), nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     locked: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -123,6 +146,9 @@ class User(UserMixin, Base):
     totp_disabled_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
     roles: Mapped[list[Role]] = relationship(secondary=user_roles, lazy="selectin")
+    passkeys: Mapped[list[Passkey]] = relationship(
+        lazy="selectin", cascade="all, delete-orphan", passive_deletes=True, order_by="Passkey.id"
+    )
     classes: Mapped[list[SchoolClass]] = relationship(secondary=class_members, lazy="selectin")
     children: Mapped[list[User]] = relationship(
         secondary=guardian_links,
@@ -157,6 +183,24 @@ class User(UserMixin, Base):
     @property
     def has_totp(self) -> bool:
         return self.totp_enabled_at is not None and self.totp_secret_encrypted is not None
+
+    @property
+    def has_passkey(self) -> bool:
+        return bool(self.passkeys)
+
+    @property
+    def has_second_factor(self) -> bool:
+        """TOTP or at least one passkey: every password sign-in then asks for it."""
+        return self.has_totp or self.has_passkey
+
+    @property
+    def requires_2fa(self) -> bool:
+        """One of the account's roles requires a second factor."""
+        return any(r.requires_2fa for r in self.roles)
+
+    @property
+    def email_verified(self) -> bool:
+        return bool(self.email) and self.email_verified_at is not None
 
     @property
     def can_sign_in(self) -> bool:
@@ -198,3 +242,61 @@ class RecoveryCode(Base):
     code_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Passkey(Base):
+    """A WebAuthn credential (passkey or security key) registered by its owner.
+
+    Only the public key is stored; ``sign_count`` is the authenticator's counter
+    (a decrease hints at a cloned authenticator, WebAuthn §6.1.1)."""
+
+    __tablename__ = "passkeys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    credential_id: Mapped[bytes] = mapped_column(LargeBinary(1023), unique=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    sign_count: Mapped[int] = mapped_column(Integer, default=0)
+    transports: Mapped[str] = mapped_column(String(255), default="")
+    aaguid: Mapped[str] = mapped_column(String(36), default="")
+    backed_up: Mapped[bool] = mapped_column(Boolean, default=False)
+    name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Obligation(Base):
+    """One version of the confidentiality obligation a role's members accept
+    (policy 2.5). A new text is a new row with the next version; everyone with the
+    role accepts it again at their next sign-in."""
+
+    __tablename__ = "obligations"
+    __table_args__ = (UniqueConstraint("role_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    role_id: Mapped[int] = mapped_column(ForeignKey("roles.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    text_ky: Mapped[str] = mapped_column(Text)
+    text_ru: Mapped[str] = mapped_column(Text)
+    text_en: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128), default="system")
+    role: Mapped[Role] = relationship(lazy="joined")
+
+    def text_for(self, locale: str | None) -> str:
+        return {"ru": self.text_ru, "en": self.text_en}.get(locale or "ky", self.text_ky)
+
+
+class ObligationAcceptance(Base):
+    """A person accepted one version of an obligation, when and from where."""
+
+    __tablename__ = "obligation_acceptances"
+    __table_args__ = (UniqueConstraint("user_id", "obligation_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    obligation_id: Mapped[int] = mapped_column(ForeignKey("obligations.id", ondelete="CASCADE"))
+    accepted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    locale: Mapped[str] = mapped_column(String(8), default="ky")
+    obligation: Mapped[Obligation] = relationship(lazy="joined")

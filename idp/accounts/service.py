@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from idp.access.permissions import SEEDED_ROLE_PERMISSIONS
-from idp.accounts.models import SEEDED_ROLES, Role, RolePermission, User
+from idp.accounts.models import SEEDED_ROLES, SEEDED_ROLES_REQUIRING_2FA, Role, RolePermission, User
 from idp.accounts.passwords import PasswordHashing
 
 LOGIN_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
@@ -28,7 +28,8 @@ def ensure_roles(session: Session) -> dict[str, Role]:
     existing = {r.name: r for r in session.scalars(select(Role))}
     for name, description in SEEDED_ROLES.items():
         if name not in existing:
-            role = Role(name=name, description=description, builtin=True)
+            role = Role(name=name, description=description, builtin=True,
+                        requires_2fa=name in SEEDED_ROLES_REQUIRING_2FA)
             role.grants = [RolePermission(permission=p) for p in sorted(SEEDED_ROLE_PERMISSIONS[name])]
             session.add(role)
             existing[name] = role
