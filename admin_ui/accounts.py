@@ -32,6 +32,7 @@ from admin_ui.csv_export import BOM, safe_cell
 from admin_ui.guard import current_actor, requires
 from admin_ui.nav import add_nav
 from idp.access.permissions import PERMISSIONS
+from idp.accounts import obligations
 from idp.accounts.admin import MAX_REASON, AccountAdmin, Actor, PermissionDenied
 from idp.accounts.models import Role, User
 from idp.accounts.service import LOGIN_PATTERN, AccountError, normalise_login
@@ -368,6 +369,9 @@ def account(user_id: int) -> str:
         actor_names=actor_names,
         sessions=len(services().sessions.list(user.id)),
         languages=LANGUAGES,
+        # Policy 2.5: what the person accepted, and whether a current version awaits them.
+        obligation_status=obligations.status_for(services().db.session, user),
+        acceptances=obligations.acceptances(services().db.session, user),
     )
 
 
@@ -598,14 +602,14 @@ def account_reenable_password(user_id: int) -> Any:
 @requires("support:credentials:reset")
 def account_reset_two_factor(user_id: int) -> Any:
     user = _account_or_404(user_id)
-    if not user.has_totp:
+    if not user.has_second_factor:
         return _back_with(user, _("Two-factor sign-in is not on for this account."))
     return _confirmed_action(
         user,
         title=_("Reset two-factor sign-in of %(login)s", login=user.login),
-        explanation=_("The authenticator app and the recovery codes are removed and every session ends. Do this "
-                      "only after you have made sure who is asking (in person, with a document). The person "
-                      "then signs in with the password alone and should set up the app again at once."),
+        explanation=_("The authenticator app, the recovery codes and every passkey are removed and every session "
+                      "ends. Do this only after you have made sure who is asking (in person, with a document). At "
+                      "the next sign-in the person sets up a second factor again (required for staff roles)."),
         button=_("Reset two-factor sign-in"),
         endpoint="admin.account_reset_two_factor",
         perform=account_admin().reset_two_factor,

@@ -29,6 +29,7 @@ from werkzeug.exceptions import HTTPException
 from admin_ui import openapi
 from admin_ui.audit import event_record, parse_filters, search_events
 from idp.access.permissions import PERMISSIONS
+from idp.accounts import obligations
 from idp.accounts.admin import AccountAdmin, Actor, PermissionDenied
 from idp.accounts.models import Role, SchoolClass, User
 from idp.accounts.service import AccountError
@@ -365,6 +366,22 @@ def user_json(user: User) -> dict[str, Any]:
     }
 
 
+def obligations_json(user: User) -> dict[str, Any]:
+    """Policy 2.5, for one account (not in lists): what it accepted and what awaits it."""
+    db = services().db.session
+    return {
+        "obligations_pending": [
+            {"role": s.obligation.role.name, "version": s.obligation.version}
+            for s in obligations.status_for(db, user) if s.pending
+        ],
+        "obligation_acceptances": [
+            {"role": a.obligation.role.name, "version": a.obligation.version,
+             "accepted_at": _timestamp(a.accepted_at), "ip": a.ip, "locale": a.locale}
+            for a in obligations.acceptances(db, user)
+        ],
+    }
+
+
 def class_json(school_class: SchoolClass, members: int) -> dict[str, Any]:
     return {"name": school_class.name, "members": members, "created_at": _timestamp(school_class.created_at)}
 
@@ -449,7 +466,8 @@ def create_user() -> tuple[Response, int, dict[str, str]]:
 @api.get(f"/users/{USER_ID}")
 @needs("admin:users:read")
 def get_user(user_id: int) -> Response:
-    return jsonify(user_json(user_or_404(user_id)))
+    user = user_or_404(user_id)
+    return jsonify(user_json(user) | obligations_json(user))
 
 
 @api.patch(f"/users/{USER_ID}")

@@ -1,7 +1,7 @@
 """Console access: a signed-in account holding the view's permission.
 
-``console_access_hook`` is the one place later rules plug in (the credentials issue
-adds "2FA is required for the console" there)."""
+``console_access_hook`` is the one place console-wide rules plug in: the console is
+opened only by a session that was signed in with two factors (issue 4)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import abort, g, redirect, request, url_for
+from flask import abort, g, redirect, render_template, request, session, url_for
 from flask_login import current_user
 
 from idp.access.permissions import PERMISSIONS
@@ -20,8 +20,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def console_access_hook(user: Any) -> Any | None:
     """Return a response to stop a console request, or None to let it through.
-    Today: nothing beyond the permission check."""
-    return None
+
+    The console needs a sign-in with a second factor (the session's ``amr`` holds
+    "mfa"): a password alone, even the right one, does not open it. The page says how
+    to get there: set up a second factor, or sign in again with it."""
+    if "mfa" in (session.get("amr") or []):
+        return None
+    page = render_template("admin/needs_2fa.html", has_second_factor=bool(user.has_second_factor))
+    return page, 403
 
 
 def current_actor() -> Actor:

@@ -90,6 +90,34 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "must_change_password": {"type": "boolean"},
             "created_at": _timestamp,
             "updated_at": _timestamp,
+            "obligations_pending": {
+                "type": "array",
+                "description": "Only in getUser: the current confidentiality-obligation versions (policy 2.5) of "
+                "the account's roles that it has not accepted yet; it is asked to at its next sign-in.",
+                "items": {
+                    "type": "object",
+                    "required": ["role", "version"],
+                    "additionalProperties": False,
+                    "properties": {"role": {"type": "string"}, "version": {"type": "integer", "minimum": 1}},
+                },
+            },
+            "obligation_acceptances": {
+                "type": "array",
+                "description": "Only in getUser: every confidentiality-obligation version the account accepted, "
+                "newest first.",
+                "items": {
+                    "type": "object",
+                    "required": ["role", "version", "accepted_at", "ip", "locale"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "role": {"type": "string"},
+                        "version": {"type": "integer", "minimum": 1},
+                        "accepted_at": _timestamp,
+                        "ip": _nullable_text,
+                        "locale": {"type": "string", "enum": LOCALES},
+                    },
+                },
+            },
         },
     },
     "UserPage": _page_of("User"),

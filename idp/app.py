@@ -216,12 +216,12 @@ def _register_errors(app: Flask) -> None:
     def _throttled(e: Throttled) -> Any:
         # The same answer whichever limit was hit and whether the login exists.
         wait = format_timedelta(timedelta(seconds=e.retry_after), threshold=1.5, add_direction=False)
-        response = _error(
-            429,
-            "too_many_requests",
-            _("Too many attempts"),
-            _("Too many failed sign-in attempts. Try again in %(wait)s.", wait=wait),
-        )
+        if e.purpose.startswith(("password-reset", "email-link")):
+            # Mail links (idp/login/password_reset.py, email_change.py): not a failed sign-in.
+            message = _("Too many requests. Try again in %(wait)s.", wait=wait)
+        else:
+            message = _("Too many failed sign-in attempts. Try again in %(wait)s.", wait=wait)
+        response = _error(429, "too_many_requests", _("Too many attempts"), message)
         return _with_retry_after(response, e.retry_after)
 
     @app.errorhandler(RedisError)

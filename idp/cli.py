@@ -223,9 +223,15 @@ def demo_seed(out_dir: str, demo_app_url: str) -> None:
                     password, min_length=15, login=login, names=[name], context_words=context, blocklist=svc.blocklist
                 ):
                     password = _passphrase()
-                people[login] = create_user(
-                    session, svc.passwords, login=login, display_name=name, password=password, roles=roles, locale=locale
+                person = create_user(
+                    session, svc.passwords, login=login, display_name=name, password=password, roles=roles,
+                    locale=locale, email=f"{login}@school.example.org",
                 )
+                # As for a real school: the address is known to be the person's, and the
+                # printed password is an initial one, changed at the first sign-in (6.4.1).
+                person.email_verified_at = person.created_at
+                person.must_change_password = True
+                people[login] = person
                 lines.append(f"{login:18} {password:40} {', '.join(roles)}")
             seventh, ninth = (
                 session.scalar(select(SchoolClass).where(SchoolClass.name == name)) or SchoolClass(name=name)
@@ -262,7 +268,9 @@ def demo_seed(out_dir: str, demo_app_url: str) -> None:
             fd = os.open(client_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump({"client_id": client.client_id, "client_secret": secret, "issuer": svc.settings.issuer}, fh)
-    click.echo("Demo school logins (login, password, roles):")
+    click.echo("Demo school logins (login, initial password, roles). At the first sign-in each person")
+    click.echo("chooses a new password; staff also set up an authenticator app and accept the")
+    click.echo("confidentiality obligation. Mail (reset links, notices) goes to the local SMTP sink.")
     if logins_file.exists():
         click.echo(logins_file.read_text(encoding="utf-8"))
     else:

@@ -73,6 +73,11 @@ class Settings:
     login_ip_window: int = 3600
     # N12: consecutive failures after which a credential is disabled until support re-enables it.
     credential_max_failures: int = 100
+    # ASVS 7.5.1: changing the password, e-mail or second factor needs a sign-in (or a
+    # re-authentication at /login/reauth) at most this many seconds old.
+    reauth_max_age_seconds: int = 300
+    # How long a password-reset link sent by e-mail stays valid (seconds; used once).
+    password_reset_ttl_seconds: int = 1800
     # Force Secure cookies even over http (set false only for plain-http localhost).
     cookie_secure: bool = True
     log_level: str = "INFO"

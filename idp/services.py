@@ -15,6 +15,7 @@ from idp.config import Settings
 from idp.crypto import SecretBox
 from idp.db import Database
 from idp.login.throttle import Throttle
+from idp.mfa.passkeys import PasskeyService
 from idp.mfa.service import TwoFactorService
 from idp.notify.jobs import build_mail_transport, build_outbox
 from idp.notify.outbox import Outbox
@@ -38,11 +39,19 @@ class Services:
     # Named limiters, one per purpose (STYLE: rate limiters are named per purpose).
     login_account_throttle: Throttle
     login_ip_throttle: Throttle
+    # Self-service mail links (issue 4; ASVS 2.4.1 anti-automation): /password/forgot per
+    # client IP and per login or address typed (and per account mailed), and the e-mail
+    # verification links a signed-in person asks for. Every request counts.
+    password_reset_ip_throttle: Throttle
+    password_reset_throttle: Throttle
+    email_link_throttle: Throttle
     # Durable mail (idp/notify/outbox.py) and the transport the worker delivers through.
     outbox: Outbox
     mail: MailTransport
     # TOTP seeds (sealed with their own key purpose), used steps and recovery codes.
     two_factor: TwoFactorService
+    # Passkeys (WebAuthn) for the issuer's host, with single-use challenges in Redis.
+    passkeys: PasskeyService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -81,6 +90,22 @@ class Services:
                 redis=redis, purpose="login:ip", free_failures=settings.login_ip_free_failures,
                 max_delay=settings.login_max_delay, window=settings.login_ip_window,
             ),
+            # The school NAT allowance of sign-in, counted apart from sign-in failures.
+            password_reset_ip_throttle=Throttle(
+                redis=redis, purpose="password-reset:ip", free_failures=settings.login_ip_free_failures,
+                max_delay=settings.login_max_delay, window=settings.login_ip_window,
+            ),
+            # Three links an hour per login, address or account, then growing delays.
+            password_reset_throttle=Throttle(
+                redis=redis, purpose="password-reset:account", free_failures=3,
+                max_delay=settings.login_max_delay, window=3600,
+            ),
+            # Five verification mails a day per account, then growing delays (no mail bombing
+            # of someone else's address from a signed-in account).
+            email_link_throttle=Throttle(
+                redis=redis, purpose="email-link:account", free_failures=5,
+                max_delay=settings.login_max_delay, window=86400,
+            ),
             outbox=build_outbox(settings),
             mail=build_mail_transport(settings),
             two_factor=TwoFactorService(
@@ -88,6 +113,7 @@ class Services:
                 box=SecretBox(settings.data_key or settings.secret_key, "totp-seeds"),
                 school_name=settings.school_name,
             ),
+            passkeys=PasskeyService(redis=redis, issuer=settings.issuer, rp_name=settings.school_name),
         )
 
 

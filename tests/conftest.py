@@ -12,21 +12,25 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pyotp
 import pytest
 import redis as redis_lib
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from werkzeug.serving import make_server
 
+from idp.accounts import obligations
+from idp.accounts.models import ObligationAcceptance
 from idp.accounts.service import create_user
 from idp.app import create_app
 from idp.config import Settings
 from idp.migrate import upgrade
 from idp.oidc.clients import create_client
 from idp.services import Services
-from tests.helpers import Browser, ClientInfo, UserInfo
+from tests.helpers import SECOND_FACTORS, Browser, ClientInfo, UserInfo
 
 
 def free_port() -> int:
@@ -104,12 +108,17 @@ class LiveServer:
         return self.app.extensions["darbaza"]
 
 
+TEST_SECRET_KEY = "test-secret-" + secrets.token_hex(8)
+
+
 def make_settings(database_url: str, redis_url: str, issuer: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "issuer": issuer,
         "database_url": database_url,
         "redis_url": redis_url,
-        "secret_key": "test-secret-" + secrets.token_hex(8),
+        # One key for every server of the test run: they share the database, whose
+        # sealed secrets (TOTP seeds, signing keys) every process must open.
+        "secret_key": TEST_SECRET_KEY,
         # Cheap argon2id in tests; the production cost is measured in bench/.
         "argon2_time_cost": 1,
         "argon2_memory_cost": 8192,
@@ -147,7 +156,14 @@ def server(database_url: str, redis_url: str) -> Iterator[LiveServer]:
 def make_user(server: LiveServer):  # type: ignore[no-untyped-def]
     """Factory: a new account with a random login and a known password."""
 
-    def factory(roles: tuple[str, ...] = ("student",), password: str | None = None, **fields: object) -> UserInfo:
+    def factory(
+        roles: tuple[str, ...] = ("student",), password: str | None = None, *, two_factor: bool | None = None,
+        accept_obligations: bool = True, **fields: object,
+    ) -> UserInfo:
+        """``two_factor``: give the account an authenticator app (and recovery codes) the
+        test "phone" knows; by default when one of ``roles`` requires 2FA, so that the
+        account is an established one. ``accept_obligations``: its confidentiality
+        obligations are already accepted."""
         svc = server.services
         login = fields.pop("login", None) or f"user-{secrets.token_hex(5)}"
         password = password or "correct horse battery " + secrets.token_hex(4)
@@ -162,6 +178,16 @@ def make_user(server: LiveServer):  # type: ignore[no-untyped-def]
                 **fields,  # type: ignore[arg-type]
             )
             info = UserInfo(id=user.id, login=user.login, password=password, subject=user.subject)
+            if two_factor if two_factor is not None else user.requires_2fa:
+                secret = pyotp.random_base32()
+                user.totp_secret_encrypted = svc.two_factor.box.seal(secret.encode("ascii"))
+                user.totp_enabled_at = datetime.now(UTC).replace(tzinfo=None)
+                info.totp_secret = secret
+                info.recovery_codes = svc.two_factor.replace_recovery_codes(session, user)
+                SECOND_FACTORS.remember(info)
+            if accept_obligations:
+                for obligation in obligations.pending_obligations(session, user):
+                    session.add(ObligationAcceptance(user_id=user.id, obligation_id=obligation.id, locale="en"))
         return info
 
     return factory

@@ -11,10 +11,12 @@ import hashlib
 import html
 import re
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
+import pyotp
 import requests
 from joserfc import jwt
 from joserfc.jwk import KeySet
@@ -26,6 +28,41 @@ class UserInfo:
     login: str
     password: str
     subject: str
+    # Set by ``make_user`` for accounts it gave an authenticator app (roles that require 2FA).
+    totp_secret: str | None = None
+    recovery_codes: list[str] = field(default_factory=list)
+
+
+class SecondFactors:
+    """What the test "phone" knows: the TOTP seed and recovery codes of accounts that
+    ``make_user`` enrolled, so ``Browser`` can answer the second sign-in step the way a
+    person would. Each time step is accepted once by the provider, so a step is never
+    reused here; when the steps the provider still accepts (now and one ahead) are
+    spent, a recovery code is used instead."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, UserInfo] = {}
+        self._last_step: dict[str, int] = {}
+
+    def remember(self, user: UserInfo) -> None:
+        self._known[user.login] = user
+
+    def code_for(self, login: str) -> str | None:
+        user = self._known.get(login)
+        if user is None:
+            return None
+        if user.totp_secret:
+            now_step = int(time.time()) // 30
+            step = max(now_step - 1, self._last_step.get(login, -1) + 1)
+            if step <= now_step + 1:
+                self._last_step[login] = step
+                return pyotp.TOTP(user.totp_secret).at(step * 30)
+        if user.recovery_codes:
+            return user.recovery_codes.pop()
+        return None
+
+
+SECOND_FACTORS = SecondFactors()
 
 
 @dataclass
@@ -83,7 +120,19 @@ class Browser:
 
     def sign_in(self, login: str, password: str, next_url: str = "/") -> requests.Response:
         page = self.get("/login?next=" + next_url)
-        return self.submit(page, "/login", login=login, password=password)
+        return self.second_step(self.submit(page, "/login", login=login, password=password), login)
+
+    def second_step(self, response: requests.Response, login: str) -> requests.Response:
+        """When the provider asks for the second factor of an account the test "phone"
+        knows (``SECOND_FACTORS``), give it; otherwise return ``response`` unchanged."""
+        location = response.headers.get("Location", "")
+        if response.status_code != 303 or not location.endswith("/login/second-factor"):
+            return response
+        code = SECOND_FACTORS.code_for(login)
+        if code is None:
+            return response
+        page = self.get(location)
+        return self.submit(page, "/login/second-factor", code=code)
 
     def follow_until_external(self, response: requests.Response, consent: bool = True) -> requests.Response:
         """Follow redirects on the provider; approve consent when asked. Returns the
@@ -134,6 +183,7 @@ class Browser:
             response = self.follow_until_external(response, consent=consent)
             if response.status_code == 200 and 'action="/login"' in response.text and user is not None:
                 response = self.submit(response, "/login", login=user.login, password=user.password)
+                response = self.second_step(response, user.login)
                 continue
             break
         location = response.headers.get("Location", "")

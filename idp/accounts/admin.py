@@ -221,6 +221,10 @@ class AccountAdmin:
             raise AccountError("locale must be ky, ru or en")
         before = {"display_name": user.display_name, "email": user.email, "locale": user.locale}
         user.display_name = display_name.strip()
+        if (email or "").casefold() != (user.email or "").casefold():
+            # Only the person can verify an address (a link mailed to it), and only a
+            # verified address may receive a password-reset link.
+            user.email_verified_at = None
         user.email = email
         user.locale = locale or None
         after = {"display_name": user.display_name, "email": user.email, "locale": user.locale}
@@ -269,17 +273,22 @@ class AccountAdmin:
 
     def reset_two_factor(self, actor: Actor, user: User, reason: str) -> int:
         """ASVS 6.4.4: a person who lost their second factor proves who they are to tech
-        support, who removes the authenticator app and recovery codes; every session ends,
-        and the person enrols again after signing in. Returns the sessions ended."""
+        support, who removes the authenticator app, the recovery codes and every passkey;
+        every session ends, and the person enrols again at the next sign-in (a required
+        action when a role requires 2FA). Returns the sessions ended."""
         self._need(actor, "support:credentials:reset")
         reason = require_reason(reason)
         if self.two_factor is None:
             raise RuntimeError("AccountAdmin needs the two-factor service to reset it")
-        if not user.has_totp:
+        if not user.has_second_factor:
             raise AccountError("two-factor sign-in is not on for this account")
-        self.two_factor.disable(self.db, user)
+        had_totp, passkeys = user.has_totp, len(user.passkeys)
+        if had_totp:
+            self.two_factor.disable(self.db, user)
+        user.passkeys.clear()
         ended = self.sessions.end_all(self.db, user.id)
-        self._record(actor, "mfa:totp:reset", user, reason, sessions_ended=ended)
+        self._record(actor, "mfa:totp:reset", user, reason, sessions_ended=ended, totp=had_totp,
+                     passkeys_removed=passkeys)
         return ended
 
     def end_sessions(self, actor: Actor, user: User, reason: str) -> int:

@@ -195,8 +195,11 @@ class User(UserMixin, Base):
 
     @property
     def requires_2fa(self) -> bool:
-        """One of the account's roles requires a second factor."""
-        return any(r.requires_2fa for r in self.roles)
+        """One of the account's roles requires a second factor, or the account may open
+        the console (which is opened only with two factors)."""
+        from idp.access.permissions import CONSOLE_PERMISSIONS
+
+        return any(r.requires_2fa for r in self.roles) or bool(self.permissions & CONSOLE_PERMISSIONS)
 
     @property
     def email_verified(self) -> bool:

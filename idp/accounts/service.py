@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from idp.access.permissions import SEEDED_ROLE_PERMISSIONS
 from idp.accounts.models import SEEDED_ROLES, SEEDED_ROLES_REQUIRING_2FA, Role, RolePermission, User
+from idp.accounts.obligations import ensure_default_obligations
 from idp.accounts.passwords import PasswordHashing
 
 LOGIN_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
@@ -34,6 +35,8 @@ def ensure_roles(session: Session) -> dict[str, Role]:
             session.add(role)
             existing[name] = role
     session.flush()
+    # Policy 2.5: the employee roles start with version 1 of the confidentiality obligation.
+    ensure_default_obligations(session)
     return existing
 
 

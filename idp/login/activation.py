@@ -21,11 +21,10 @@ from wtforms.validators import InputRequired, Length
 
 from idp.accounts import password_policy
 from idp.accounts.admin import ActivationError, redeem_activation_code
-from idp.audit.web import audit_event
-from idp.login import two_factor
-from idp.login.flow import complete_sign_in
+from idp.login import pending
 from idp.login.required import NewPasswordForm
-from idp.login.views import _after_sign_in, bp
+from idp.login.views import bp
+from idp.notify.notices import notify
 from idp.services import services
 
 ACTIVATE_LIMIT = 20
@@ -104,18 +103,16 @@ def activate() -> Any:
     # them earlier would tell anyone typing a login whether that person's name is in it.
     if not form.check(
         login=login_name, names=[user.display_name],
-        min_length=password_policy.minimum_length(has_second_factor=user.has_totp),
+        min_length=password_policy.minimum_length(has_second_factor=user.has_second_factor or user.requires_2fa),
     ):
         db.rollback()
         return render_template("activate.html", form=form, error=None), 400
     # The account's password was just set by someone holding its card: whatever was
-    # signed in before ends, as after any password change.
+    # signed in before ends, as after any password change, and the account's address
+    # is told (issue 4), in the same transaction.
     svc.sessions.end_all(db, user.id)
+    notify(db, svc.outbox, user, "password_changed")
     db.commit()
-    if user.has_totp:
-        # ASVS 6.4.3: a card resets the password, never the second factor.
-        return two_factor.begin_second_factor(user, None, None)
-    complete_sign_in(user, ["pwd"])
-    audit_event("account:login:success", actor=f"user:{user.id}", subject=f"user:{user.id}",
-                details={"amr": ["pwd"], "activation": True})
-    return _after_sign_in(None, None)
+    # The card proved who this is and set the password; the rest of the sign-in is the
+    # pending chain (ASVS 6.4.3: a card resets the password, never the second factor).
+    return pending.begin(user, ["pwd"], None, None)

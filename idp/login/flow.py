@@ -17,8 +17,10 @@ ACR_MULTI_FACTOR = "urn:darbaza:loa:2"
 
 
 def acr_for(amr: list[str]) -> str:
-    # N26: the acr says what was really done; a password alone is single-factor.
-    return ACR_MULTI_FACTOR if len(set(amr) - {"pwd"}) >= 1 and "pwd" in amr else ACR_SINGLE_FACTOR
+    # N26: the acr says what was really done. "mfa" is added only by the pending chain
+    # (idp/login/pending.py) when a second factor was verified, or by a passkey with
+    # user verification (possession plus the device's PIN or biometric).
+    return ACR_MULTI_FACTOR if "mfa" in amr else ACR_SINGLE_FACTOR
 
 
 def complete_sign_in(user: User, amr: list[str]) -> None:

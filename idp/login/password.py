@@ -1,7 +1,8 @@
 """``/account/password``: a signed-in person changes their own password.
 
-The current password is asked for first (ASVS 6.2.3), so that someone at an unlocked
-screen cannot take the account over. The new password passes the same policy as at
+The page needs a recent sign-in (ASVS 7.5.1, idp/login/reauth.py) and still asks for
+the current password first (ASVS 6.2.3), so that someone at an unlocked screen cannot
+take the account over. The new password passes the same policy as at
 /activate and the required change. Afterwards this browser stays signed in (its
 session is re-created, since sessions older than the last password change are no
 longer accepted) and every other session and the portal apps' tokens end (ASVS
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import g, redirect, render_template, request, url_for
+from flask import g, redirect, render_template, request, session, url_for
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_login import current_user
@@ -22,6 +23,7 @@ from wtforms.validators import InputRequired, Length
 
 from idp.accounts.models import User
 from idp.login.flow import complete_sign_in
+from idp.login.reauth import fresh_auth_required
 from idp.login.required import MAX_PASSWORD_LENGTH, NewPasswordForm, save_new_password
 from idp.login.throttle import (
     PASSWORD,
@@ -44,6 +46,7 @@ class ChangePasswordForm(NewPasswordForm):
 
 
 @bp.route("/account/password", methods=["GET", "POST"])
+@fresh_auth_required
 def change_password() -> Any:
     if not current_user.is_authenticated:
         return redirect(url_for("login.login", next=url_for("login.change_password")), code=302)
@@ -89,8 +92,9 @@ def change_password() -> Any:
     # browser is signed in again just below.
     svc.sessions.end_all(db, user.id)
     db.commit()
-    # The person just proved their password here, so this is a fresh password sign-in.
-    complete_sign_in(user, ["pwd"])
+    # The person just proved their password here: a fresh sign-in (new session id) that
+    # keeps what this session's sign-in did (the second factor is not undone).
+    complete_sign_in(user, [str(m) for m in session.get("amr") or ["pwd"]])
     return redirect(url_for("login.password_changed"), code=303)
 
 

@@ -11,13 +11,12 @@ the rules themselves are the password policy (idp/accounts/password_policy.py)."
 
 from __future__ import annotations
 
-import time
 import unicodedata
 from collections.abc import Container, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import g, redirect, render_template, request, session, url_for
+from flask import g, render_template, request
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
@@ -30,13 +29,11 @@ from idp.accounts.models import User
 from idp.accounts.password_policy import PasswordProblem
 from idp.accounts.passwords import PasswordHashing
 from idp.audit.journal import Journal
-from idp.audit.web import audit_event
-from idp.login.flow import complete_sign_in
-from idp.login.views import _after_sign_in, bp, safe_next
+from idp.login import pending
+from idp.login.views import bp
+from idp.notify.notices import notify
 from idp.services import services
 
-PENDING_KEY = "pending_password_change"
-PENDING_SECONDS = 600
 # Kept for callers that show the limits; the policy module owns them.
 MAX_PASSWORD_LENGTH = password_policy.MAX_LENGTH
 
@@ -130,8 +127,11 @@ class NewPasswordForm(FlaskForm):
         return not problems
 
     def for_account(self, user: User) -> NewPasswordForm:
-        """Use ``user``'s minimum: 8 when TOTP is enabled (every sign-in asks for it), else 15."""
-        self.min_length = password_policy.minimum_length(has_second_factor=user.has_totp)
+        """Use ``user``'s minimum: 8 when every sign-in asks for a second factor (one is
+        enrolled, or a role requires one, so it is enrolled right after), else 15."""
+        self.min_length = password_policy.minimum_length(
+            has_second_factor=user.has_second_factor or user.requires_2fa
+        )
         return self
 
     def add_problems(self, problems: list[PasswordProblem]) -> None:
@@ -143,62 +143,37 @@ class NewPasswordForm(FlaskForm):
 def save_new_password(
     db: Session, passwords: PasswordHashing, journal: Journal, user: User, new_password: str, *,
     ip: str | None, request_id: str | None, required: bool = True, ended_other_sessions: bool | None = None,
+    action: str = "account:password:change", details: dict[str, Any] | None = None,
 ) -> None:
-    """Store the new password (argon2id), clear the required action and journal it, in
-    the caller's transaction. ``required`` says whether support asked for the change."""
+    """Store the new password (argon2id), clear the required action, journal it and queue
+    the "password changed" mail, in the caller's transaction. ``required`` says whether
+    support asked for the change; ``action`` is the journal tag (a reset has its own)."""
     user.password_hash = passwords.hash(new_password)
     user.password_changed_at = datetime.now(UTC).replace(tzinfo=None)
     user.must_change_password = False
     journal.record(
         db,
         actor=f"user:{user.id}",
-        action="account:password:change",
+        action=action,
         subject=f"user:{user.id}",
         ip=ip,
         request_id=request_id,
         details={"required": required}
-        | ({} if ended_other_sessions is None else {"ended_other_sessions": ended_other_sessions}),
+        | ({} if ended_other_sessions is None else {"ended_other_sessions": ended_other_sessions})
+        | (details or {}),
     )
-
-
-def begin_required_password_change(
-    user: User, flow: str | None, next_url: str | None, amr: list[str] | None = None
-) -> Any:
-    """Called by ``login()`` after the password (and the second step, whose ``amr`` is
-    passed on) was verified: remember who and where to, then ask for the new password.
-    The session is not signed in yet."""
-    # A new session id, so that a session planted before the password was typed cannot
-    # be used to choose the victim's new password (session fixation, ASVS 7.2.4).
-    session.regenerate()  # type: ignore[attr-defined]
-    session[PENDING_KEY] = {
-        "uid": user.id,
-        "flow": flow or None,
-        "next": safe_next(next_url),
-        "amr": list(amr or ["pwd"]),
-        "expires": time.time() + PENDING_SECONDS,
-    }
-    return redirect(url_for("login.password_change_required"), code=303)
-
-
-def _pending_user() -> tuple[dict[str, Any], User] | None:
-    pending = session.get(PENDING_KEY)
-    if not isinstance(pending, dict) or pending.get("expires", 0) < time.time():
-        session.pop(PENDING_KEY, None)
-        return None
-    user = services().db.session.get(User, pending.get("uid"))
-    if user is None or not user.can_sign_in:
-        session.pop(PENDING_KEY, None)
-        return None
-    return pending, user
+    # Issue 4: every way a password is set tells the account's address (one place, so no
+    # path forgets it); /activate, which sets it through the card, calls ``notify`` too.
+    notify(db, services().outbox, user, "password_changed")
 
 
 @bp.route("/password/change-required", methods=["GET", "POST"])
 def password_change_required() -> Any:
-    found = _pending_user()
+    found = pending.current(pending.CHANGE_PASSWORD)
     if found is None:
-        # Expired or never started: the person signs in again (no detail is given).
-        return redirect(url_for("login.login"), code=303)
-    pending, user = found
+        # Expired, never started or another step is due (no detail is given).
+        return pending.resume()
+    _state, user = found
     form = NewPasswordForm().for_account(user)
     if request.method == "GET":
         return render_template("password_change_required.html", form=form)
@@ -216,8 +191,4 @@ def password_change_required() -> Any:
     # tokens portal apps hold (the password was required to change for a reason).
     svc.sessions.end_all(db, user.id)
     db.commit()
-    amr = [str(m) for m in pending.get("amr") or ["pwd"]]
-    complete_sign_in(user, amr)
-    audit_event("account:login:success", actor=f"user:{user.id}", subject=f"user:{user.id}",
-                details={"amr": amr, "password_changed": True})
-    return _after_sign_in(pending.get("flow"), pending.get("next"))
+    return pending.advance(user, step=pending.CHANGE_PASSWORD, details={"password_changed": True})

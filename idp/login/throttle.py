@@ -52,17 +52,21 @@ class Throttled(Exception):
 
 # One round trip, atomic: count the failure, start the window on the first failure
 # (or repair a counter left without expiry), and extend the block when the schedule
-# says so. The schedule comes from ``delay_after`` so the policy stays in Python.
+# says so. The schedule comes from ``delay_after`` so the policy stays in Python; it is
+# sent only for the failures past the free ones (ARGV[2]), so a large allowance (a school
+# NAT's, or a test's million) costs nothing per call.
 _FAIL_SCRIPT = """
 local n = redis.call('INCR', KEYS[1])
 if n == 1 or redis.call('TTL', KEYS[1]) < 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
 end
-local idx = n
-if idx > #ARGV - 1 then idx = #ARGV - 1 end
-local delay = tonumber(ARGV[idx + 1])
-if delay > 0 and redis.call('TTL', KEYS[2]) < delay then
-  redis.call('SET', KEYS[2], '1', 'EX', delay)
+local over = n - tonumber(ARGV[2])
+if over > 0 then
+  if over > #ARGV - 2 then over = #ARGV - 2 end
+  local delay = tonumber(ARGV[over + 2])
+  if delay > 0 and redis.call('TTL', KEYS[2]) < delay then
+    redis.call('SET', KEYS[2], '1', 'EX', delay)
+  end
 end
 return n
 """
@@ -81,9 +85,10 @@ class Throttle:
         self.max_delay = max_delay
         self.window = window
         self._fail = redis.register_script(_FAIL_SCRIPT)
-        # The schedule for failure counts 1..N; the last entry holds for every count above.
-        self._schedule = [delay_after(n, free_failures=free_failures, max_delay=max_delay)
-                          for n in range(1, free_failures + len(DELAY_STEPS) + 40)]
+        # The schedule for failure counts free+1..free+N; the last entry holds for every
+        # count above, and no failure within the free ones waits.
+        self._schedule = [delay_after(free_failures + over, free_failures=free_failures, max_delay=max_delay)
+                          for over in range(1, len(DELAY_STEPS) + 40)]
 
     def _keys(self, key: str) -> tuple[str, str]:
         # Hashed: keys stay short whatever the login string, and hold no login in clear.
@@ -104,7 +109,7 @@ class Throttle:
 
     def fail(self, key: str) -> int:
         """Count one failure of ``key``; returns the failures counted in the window."""
-        return int(self._fail(keys=list(self._keys(key)), args=[self.window, *self._schedule]))
+        return int(self._fail(keys=list(self._keys(key)), args=[self.window, self.free_failures, *self._schedule]))
 
     def failures(self, key: str) -> int:
         return int(self.redis.get(self._keys(key)[0]) or 0)

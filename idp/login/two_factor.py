@@ -2,9 +2,11 @@
 
 ``/account/2fa``: a signed-in person enrols an authenticator app (QR code and the
 secret as text, confirmed by a first code), gets ten recovery codes shown once, makes
-new ones, or removes TOTP. Every change asks for the current password on the same form
-(re-authentication, ASVS 6.2.3 style), is journalled and, when the account has an
-e-mail address, announced by mail through the outbox in the same transaction.
+new ones, or removes TOTP. Every change needs a recent sign-in (``fresh_auth_required``,
+ASVS 7.5.1: an older session confirms the password and a code at /login/reauth first,
+which replaces asking the current password on each form), is journalled and, when the
+account has an e-mail address, announced by mail through the outbox in the same
+transaction.
 
 ``/login/second-factor``: after ``login()`` verified the password of an account with
 TOTP, a short-lived pending sign-in (STYLE 7) waits here for a TOTP code or a recovery
@@ -15,47 +17,32 @@ code; only then is the session created (``complete_sign_in``) with
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
-from flask import g, make_response, redirect, render_template, request, session, url_for
+from flask import make_response, redirect, render_template, request, session, url_for
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_login import current_user
 from flask_wtf import FlaskForm
-from wtforms import PasswordField, StringField
+from wtforms import StringField
 from wtforms.validators import InputRequired, Length
 
 from idp.accounts.models import User
-from idp.audit.web import audit_event
-from idp.login import required
-from idp.login.flow import complete_sign_in
-from idp.login.throttle import (
-    PASSWORD,
-    TOTP,
-    Throttled,
-    is_disabled,
-    record_credential_failure,
-    reset_credential_failures,
-)
-from idp.login.views import _after_sign_in, bp, safe_next
-from idp.mfa import recovery, totp
+from idp.login import pending
+from idp.login.factors import check_second_factor as _check_second_factor
+from idp.login.factors import journal as _journal
+from idp.login.reauth import fresh_auth_required
+from idp.login.throttle import TOTP, is_disabled
+from idp.login.views import bp
+from idp.mfa import totp
 from idp.mfa.qr import qr_svg
+from idp.notify.notices import notify
 from idp.services import services
 
-PENDING_KEY = "pending_second_factor"
-# How long the password step stays good while the second step is awaited.
-PENDING_SECONDS = 300
 ENROL_KEY = "totp_enrolment"
 ENROL_SECONDS = 600
 # Recovery codes wait here between the POST that made them and the one GET that shows them.
 SHOW_CODES_KEY = "recovery_codes_to_show"
-
-AMR_TOTP = ["pwd", "otp", "mfa"]
-AMR_RECOVERY_CODE = ["pwd", "mfa"]
-
-BISHKEK = ZoneInfo("Asia/Bishkek")
 
 
 class SecondFactorForm(FlaskForm):
@@ -64,13 +51,7 @@ class SecondFactorForm(FlaskForm):
     )
 
 
-class CurrentPasswordForm(FlaskForm):
-    current_password = PasswordField(
-        validators=[InputRequired(message=_l("Enter your current password.")), Length(max=4 * 128)]
-    )
-
-
-class EnrolForm(CurrentPasswordForm):
+class FirstCodeForm(FlaskForm):
     code = StringField(
         validators=[
             InputRequired(message=_l("Enter the six-digit code from the app.")),
@@ -79,7 +60,20 @@ class EnrolForm(CurrentPasswordForm):
     )
 
 
-class RemoveForm(CurrentPasswordForm):
+class ContinueForm(FlaskForm):
+    pass
+
+
+class EnrolForm(FlaskForm):
+    code = StringField(
+        validators=[
+            InputRequired(message=_l("Enter the six-digit code from the app.")),
+            Length(max=64, message=_l("At most 64 characters.")),
+        ]
+    )
+
+
+class RemoveForm(FlaskForm):
     code = StringField(
         validators=[
             InputRequired(message=_l("Enter a code from the app or a recovery code.")),
@@ -88,74 +82,18 @@ class RemoveForm(CurrentPasswordForm):
     )
 
 
+class RegenerateForm(FlaskForm):
+    pass
+
+
 # --- shared checks ---------------------------------------------------------------------
-
-def _journal(action: str, user: User, *, reason: str | None = None, details: dict[str, Any] | None = None,
-             actor: str | None = None) -> None:
-    svc = services()
-    svc.journal.record(
-        svc.db.session, actor=actor or f"user:{user.id}", action=action, subject=f"user:{user.id}", reason=reason,
-        ip=request.remote_addr, request_id=getattr(g, "request_id", None), details=details,
-    )
-
+# ``_journal`` and ``_check_second_factor`` are idp/login/factors.py's (re-authentication
+# and the password reset check codes the same way).
 
 def _notify(user: User, template: str, **context: str) -> None:
     """Queue a notice in the current transaction when the account has an e-mail."""
-    if not user.email:
-        return
-    changed_at = datetime.now(UTC).astimezone(BISHKEK).strftime("%Y-%m-%d %H:%M (Asia/Bishkek)")
-    services().outbox.enqueue(
-        services().db.session, template=template, to=user.email, locale=user.locale,
-        context={"display_name": user.display_name, "changed_at": changed_at, **context},
-    )
-
-
-def _current_password_ok(form: CurrentPasswordForm, user: User) -> bool:
-    """Re-authentication on the form: a wrong password counts like a failed sign-in
-    (account throttle and the password's 100-failure limit). Commits a failure."""
     svc = services()
-    db = svc.db.session
-    wait = svc.login_account_throttle.check(user.login)
-    if wait:
-        raise Throttled(wait, "reauthentication")
-    if svc.passwords.verify(user.password_hash, form.current_password.data or "") and not is_disabled(user, PASSWORD):
-        reset_credential_failures(db, user.id, PASSWORD)
-        return True
-    svc.login_account_throttle.fail(user.login)
-    disabled = record_credential_failure(db, user.id, PASSWORD, limit=svc.settings.credential_max_failures)
-    _journal("account:reauth:failure", user, reason="wrong-current-password")
-    if disabled:
-        _journal("account:credential:disabled", user, actor="system", reason="too-many-failures",
-                 details={"credential": PASSWORD.kind, "failures": svc.settings.credential_max_failures})
-    db.commit()
-    form.current_password.errors = [*form.current_password.errors, _("The current password is incorrect.")]
-    return False
-
-
-def _check_second_factor(user: User, code: str) -> tuple[bool, str]:
-    """Check a TOTP code or a recovery code for ``user``; returns (accepted, method),
-    method being ``totp`` or ``recovery-code``. A failure is counted (the account
-    throttle; for TOTP also its 100-failure limit) and journalled, not committed."""
-    svc = services()
-    db = svc.db.session
-    if totp.normalise_code(code) is None and recovery.normalise(code) is not None:
-        if svc.two_factor.use_recovery_code(db, user.id, code):
-            return True, "recovery-code"
-        svc.login_account_throttle.fail(user.login)
-        return False, "recovery-code"
-    if is_disabled(user, TOTP):
-        # N12: a disabled TOTP refuses even a right code, with the same message.
-        svc.login_account_throttle.fail(user.login)
-        _journal("account:login:refused", user, reason="credential-disabled", details={"credential": TOTP.kind})
-        return False, "totp"
-    if svc.two_factor.check_user_totp(user, code):
-        reset_credential_failures(db, user.id, TOTP)
-        return True, "totp"
-    svc.login_account_throttle.fail(user.login)
-    if record_credential_failure(db, user.id, TOTP, limit=svc.settings.credential_max_failures):
-        _journal("account:credential:disabled", user, actor="system", reason="too-many-failures",
-                 details={"credential": TOTP.kind, "failures": svc.settings.credential_max_failures})
-    return False, "totp"
+    notify(svc.db.session, svc.outbox, user, template, **context)
 
 
 def _signed_in_user() -> User | None:
@@ -172,48 +110,18 @@ def _no_store(response: Any) -> Any:
 
 # --- the second sign-in step -----------------------------------------------------------
 
-def begin_second_factor(user: User, flow: str | None, next_url: str | None) -> Any:
-    """Called once the password was verified for an account with TOTP: remember who,
-    how and where to, for five minutes, and ask for the second factor. No session yet."""
-    # A new session id, so that a session planted before the password was typed cannot
-    # ride on this sign-in (session fixation, ASVS 7.2.4).
-    session.regenerate()  # type: ignore[attr-defined]
-    now = time.time()
-    session[PENDING_KEY] = {
-        "uid": user.id,
-        "amr": ["pwd"],
-        "flow": flow or None,
-        "next": safe_next(next_url),
-        "created": now,
-        "expires": now + PENDING_SECONDS,
-    }
-    return redirect(url_for("login.second_factor"), code=303)
-
-
-def _pending_sign_in() -> tuple[dict[str, Any], User] | None:
-    pending = session.get(PENDING_KEY)
-    if not isinstance(pending, dict) or pending.get("expires", 0) < time.time():
-        session.pop(PENDING_KEY, None)
-        return None
-    user = services().db.session.get(User, pending.get("uid"))
-    if user is None or not user.can_sign_in or not user.has_totp:
-        session.pop(PENDING_KEY, None)
-        return None
-    return pending, user
-
-
 @bp.route("/login/second-factor", methods=["GET", "POST"])
 def second_factor() -> Any:
-    found = _pending_sign_in()
+    found = pending.current(pending.SECOND_FACTOR)
     if found is None:
-        # Expired or never started: sign in again from the password (no detail given).
-        return redirect(url_for("login.login"), code=303)
-    pending, user = found
+        # Expired, never started or another step is due (no detail is given).
+        return pending.resume()
+    _state, user = found
     form = SecondFactorForm()
     if request.method == "GET":
-        return render_template("login_second_factor.html", form=form)
+        return render_template("login_second_factor.html", form=form, user=user)
     if not form.validate_on_submit():
-        return render_template("login_second_factor.html", form=form), 400
+        return render_template("login_second_factor.html", form=form, user=user), 400
     svc = services()
     db = svc.db.session
     svc.login_account_throttle.guard(user.login)
@@ -223,11 +131,10 @@ def second_factor() -> Any:
                  details={"login": user.login[:64], "factor": "otp", "method": method})
         db.commit()
         form.code.errors.append(_("The code is incorrect."))
-        return render_template("login_second_factor.html", form=form), 401
+        return render_template("login_second_factor.html", form=form, user=user), 401
     # N13: the whole sign-in succeeded; the run of failures ends.
     svc.login_account_throttle.reset(user.login)
-    amr = list(AMR_TOTP if method == "totp" else AMR_RECOVERY_CODE)
-    details: dict[str, Any] = {"amr": amr}
+    details: dict[str, Any] = {}
     if method == "recovery-code":
         remaining = svc.two_factor.unused_recovery_codes(db, user.id)
         totp_disabled = is_disabled(user, TOTP)
@@ -236,12 +143,62 @@ def second_factor() -> Any:
         _journal("mfa:recovery:use", user, reason="totp-disabled-rebind" if totp_disabled else None,
                  details={"recovery_codes_left": remaining, "totp_disabled": totp_disabled})
     db.commit()
-    session.pop(PENDING_KEY, None)
-    if user.must_change_password:
-        return required.begin_required_password_change(user, pending.get("flow"), pending.get("next"), amr=amr)
-    complete_sign_in(user, amr)
-    audit_event("account:login:success", actor=f"user:{user.id}", subject=f"user:{user.id}", details=details)
-    return _after_sign_in(pending.get("flow"), pending.get("next"))
+    return pending.advance(user, step=pending.SECOND_FACTOR, add_amr=["otp"] if method == "totp" else [],
+                           details=details)
+
+
+@bp.route("/login/enrol-2fa", methods=["GET", "POST"])
+def enrol_second_factor() -> Any:
+    """Required action: a role of this account requires a second factor and it has none.
+    The person just proved their password, so the first code of the new app is all that
+    is asked; the recovery codes are shown once, then the sign-in goes on."""
+    found = pending.current(pending.ENROL_SECOND_FACTOR)
+    if found is None:
+        return pending.resume()
+    _state, user = found
+    form = FirstCodeForm()
+    if request.method == "GET":
+        return _render_enrolment(user, form, template="login_enrol_2fa.html")
+    if not form.validate_on_submit():
+        return _render_enrolment(user, form, 400, template="login_enrol_2fa.html")
+    svc = services()
+    db = svc.db.session
+    svc.login_account_throttle.guard(user.login)
+    codes = svc.two_factor.enable(db, user, _enrolment_secret(user), form.code.data or "")
+    if codes is None:
+        db.rollback()
+        svc.login_account_throttle.fail(user.login)
+        form.code.errors = [*form.code.errors, _("The code is incorrect. Check the time on your phone and "
+                                                 "enter the code the app shows now.")]
+        return _render_enrolment(user, form, 400, template="login_enrol_2fa.html")
+    _journal("mfa:totp:enable", user, details={"method": "totp", "recovery_codes": len(codes), "required": True})
+    _notify(user, "mfa_added", method="totp")
+    db.commit()
+    session.pop(ENROL_KEY, None)
+    svc.login_account_throttle.reset(user.login)
+    # The codes are shown on the page the chain leads to next (or the account page).
+    session[SHOW_CODES_KEY] = codes
+    return redirect(url_for("login.enrolled_recovery_codes"), code=303)
+
+
+@bp.route("/login/enrol-2fa/codes", methods=["GET", "POST"])
+def enrolled_recovery_codes() -> Any:
+    """The new recovery codes, shown once during the sign-in; "Continue" goes on."""
+    found = pending.current(pending.ENROL_SECOND_FACTOR)
+    if found is None:
+        return pending.resume()
+    _state, user = found
+    form = ContinueForm()
+    if request.method == "POST" and form.validate_on_submit() and user.has_totp:
+        session.pop(SHOW_CODES_KEY, None)
+        return pending.advance(user, step=pending.ENROL_SECOND_FACTOR, add_amr=["otp"],
+                               details={"enrolled": "totp"})
+    if not user.has_totp:
+        return redirect(url_for("login.enrol_second_factor"), code=303)
+    codes = session.pop(SHOW_CODES_KEY, None)
+    page = render_template("login_enrol_2fa_codes.html", codes=codes if isinstance(codes, list) else None,
+                           form=form)
+    return _no_store(make_response(page, 200))
 
 
 # --- the account pages -----------------------------------------------------------------
@@ -255,7 +212,7 @@ def two_factor_status() -> Any:
     return render_template(
         "account_2fa.html", user=user, totp_disabled=is_disabled(user, TOTP),
         codes_left=svc.two_factor.unused_recovery_codes(svc.db.session, user.id),
-        regenerate_form=CurrentPasswordForm(), remove_form=RemoveForm(),
+        regenerate_form=RegenerateForm(), remove_form=RemoveForm(),
     )
 
 
@@ -271,18 +228,19 @@ def _enrolment_secret(user: User) -> str:
     return str(pending["sealed"])
 
 
-def _render_enrolment(user: User, form: EnrolForm, status: int = 200) -> Any:
+def _render_enrolment(user: User, form: FlaskForm, status: int = 200, *, template: str = "account_2fa_enrol.html") -> Any:
     svc = services()
     secret = svc.two_factor.open_secret(_enrolment_secret(user))
     uri = svc.two_factor.provisioning_uri(secret, user.login)
     page = render_template(
-        "account_2fa_enrol.html", form=form, secret=totp.grouped_secret(secret),
+        template, form=form, secret=totp.grouped_secret(secret),
         qr=qr_svg(uri, title=_("QR code for your authenticator app")),
     )
     return _no_store(make_response(page, status))
 
 
 @bp.route("/account/2fa/totp", methods=["GET", "POST"])
+@fresh_auth_required
 def enrol_totp() -> Any:
     user = _signed_in_user()
     if user is None:
@@ -293,8 +251,6 @@ def enrol_totp() -> Any:
     if request.method == "GET":
         return _render_enrolment(user, form)
     if not form.validate_on_submit():
-        return _render_enrolment(user, form, 400)
-    if not _current_password_ok(form, user):
         return _render_enrolment(user, form, 400)
     svc = services()
     db = svc.db.session
@@ -324,16 +280,17 @@ def recovery_codes() -> Any:
 
 
 @bp.post("/account/2fa/recovery-codes/new")
+@fresh_auth_required(back="login.two_factor_status")
 def regenerate_recovery_codes() -> Any:
     user = _signed_in_user()
     if user is None:
         return redirect(url_for("login.login"), code=302)
     if not user.has_totp:
         return redirect(url_for("login.two_factor_status"), code=303)
-    form = CurrentPasswordForm()
+    form = RegenerateForm()
     svc = services()
     db = svc.db.session
-    if not form.validate_on_submit() or not _current_password_ok(form, user):
+    if not form.validate_on_submit():
         page = render_template(
             "account_2fa.html", user=user, totp_disabled=is_disabled(user, TOTP),
             codes_left=svc.two_factor.unused_recovery_codes(db, user.id),
@@ -349,6 +306,7 @@ def regenerate_recovery_codes() -> Any:
 
 
 @bp.post("/account/2fa/totp/remove")
+@fresh_auth_required(back="login.two_factor_status")
 def remove_totp() -> Any:
     user = _signed_in_user()
     if user is None:
@@ -363,11 +321,19 @@ def remove_totp() -> Any:
         page = render_template(
             "account_2fa.html", user=user, totp_disabled=is_disabled(user, TOTP),
             codes_left=svc.two_factor.unused_recovery_codes(db, user.id),
-            regenerate_form=CurrentPasswordForm(formdata=None), remove_form=form,
+            regenerate_form=RegenerateForm(formdata=None), remove_form=form,
         )
         return page, 400
 
-    if not form.validate_on_submit() or not _current_password_ok(form, user):
+    if not form.validate_on_submit():
+        return again()
+    if user.requires_2fa and not user.has_passkey:
+        # A role of this account requires a second factor: the app is its only one.
+        _journal("mfa:totp:disable-refused", user, reason="required-by-role")
+        db.commit()
+        form.code.errors = [*form.code.errors, _("Your role at the school requires two-factor sign-in: add a "
+                                                 "passkey first, or ask tech support to reset it if you "
+                                                 "changed phones.")]
         return again()
     ok, method = _check_second_factor(user, form.code.data or "")
     if not ok:

@@ -17,7 +17,8 @@ from wtforms.validators import DataRequired, Length
 from idp.accounts.models import User
 from idp.audit.web import audit_event
 from idp.i18n import LANGUAGES
-from idp.login.flow import complete_sign_in, sign_out
+from idp.login import pending
+from idp.login.flow import sign_out
 from idp.login.throttle import (
     PASSWORD,
     Throttled,
@@ -117,9 +118,9 @@ def login() -> Any:
         form.password.errors.append(_("The login or password is incorrect."))
         return render_template("login.html", form=form), 401
     # N13: a right password ends the run of failures, in Redis and in the database. With
-    # TOTP the account's throttle goes on counting until the second step is done too, or
-    # typing the password again would buy fresh guesses at the code (N19).
-    if not user.has_totp:
+    # a second factor the account's throttle goes on counting until the second step is
+    # done too, or typing the password again would buy fresh guesses at the code (N19).
+    if not user.has_second_factor:
         svc.login_account_throttle.reset(login_name)
     reset_credential_failures(db, user.id, PASSWORD)
     db.commit()
@@ -137,16 +138,9 @@ def login() -> Any:
     if user.password_hash and svc.passwords.needs_rehash(user.password_hash):
         user.password_hash = svc.passwords.hash(form.password.data)
         db.commit()
-    if user.has_totp:
-        # Second step (idp/login/two_factor.py): no session until a code is given; the
-        # required password change, if any, comes after it.
-        return two_factor.begin_second_factor(user, form.flow.data or None, form.next.data)
-    if user.must_change_password:
-        # Required action: no session until a new password is set (idp/login/required.py).
-        return required.begin_required_password_change(user, form.flow.data or None, form.next.data)
-    complete_sign_in(user, ["pwd"])
-    audit_event("account:login:success", actor=f"user:{user.id}", subject=f"user:{user.id}", details={"amr": ["pwd"]})
-    return _after_sign_in(form.flow.data or None, form.next.data)
+    # The rest of the sign-in (second factor, required actions) is the pending chain
+    # (idp/login/pending.py); the session exists only once it is done.
+    return pending.begin(user, ["pwd"], form.flow.data or None, form.next.data)
 
 
 @bp.get("/")
@@ -183,7 +177,12 @@ def set_language() -> Any:
 # Registers the activation and required-password-change views on ``bp`` (they import from here).
 from idp.login import (  # noqa: E402,F401
     activation,
+    email_change,  # noqa: E402,F401  (/account/email and its verification links)
+    obligation,  # noqa: E402,F401  (/login/obligation and /account/obligations)
+    passkeys,  # noqa: E402,F401  (passkeys: /account/passkeys, /login/passkey, second step)
     password,  # noqa: E402,F401  (the self-service /account/password)
+    password_reset,  # noqa: E402,F401  (/password/forgot and /password/reset/<token>)
+    reauth,  # noqa: E402,F401  (/login/reauth: "Confirm it's you")
     required,
     two_factor,  # noqa: E402,F401  (/login/second-factor and /account/2fa)
 )

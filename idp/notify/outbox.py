@@ -37,7 +37,11 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "mfa_added": ("display_name", "method", "changed_at"),
     "mfa_removed": ("display_name", "method", "changed_at"),
     "recovery_codes_new": ("display_name", "changed_at"),
-    "password_reset_link": ("display_name", "reset_url", "expires_minutes"),
+    # ``login`` too: siblings may share a parent's address, each gets their own link.
+    "password_reset_link": ("display_name", "login", "reset_url", "expires_minutes"),
+    # To the address being verified (new or current) and, on a change, to the old one.
+    "email_verify": ("display_name", "login", "verify_url", "expires_hours"),
+    "email_change_notice": ("display_name", "new_email", "changed_at"),
     "new_device_notice": ("display_name", "device", "ip", "signed_in_at", "report_url"),
 }
 LOCALES = ("ky", "ru", "en")

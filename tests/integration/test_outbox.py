@@ -252,7 +252,7 @@ def test_cli_mail_deliver_sends_pending_message(server, smtp):
     with svc.db.transaction() as session:
         session.execute(delete(OutboxMessage))
         svc.outbox.enqueue(session, template="password_reset_link", to="bolot@school.example", locale="ky",
-                           context={"display_name": "Болот", "reset_url": "https://idp.example/reset/abc",
+                           context={"display_name": "Болот", "login": "bolot", "reset_url": "https://idp.example/reset/abc",
                                     "expires_minutes": 30})
     result = run(server, "mail", "deliver", env={"IDP_SMTP_PORT": str(smtp.port)})
     assert result.exit_code == 0, result.output

@@ -71,7 +71,7 @@ def enrol(server, browser: Browser, person) -> tuple[str, list[str]]:
     page = browser.get("/account/2fa/totp")
     assert page.status_code == 200, page.text[:500]
     secret = re.search(r'<code class="secret">([A-Z2-7 ]+)</code>', page.text).group(1).replace(" ", "")
-    done = browser.submit(page, "/account/2fa/totp", current_password=person.password, code=code_at(secret, -1))
+    done = browser.submit(page, "/account/2fa/totp", code=code_at(secret, -1))
     assert done.status_code == 303 and done.headers["Location"].endswith("/account/2fa/recovery-codes"), done.text[:500]
     shown = browser.get("/account/2fa/recovery-codes")
     codes = re.findall(r"<li><code>([0-9a-z]{5}-[0-9a-z]{5})</code></li>", shown.text)
@@ -125,13 +125,13 @@ def test_enrolment_shows_a_qr_svg_and_the_secret_and_refuses_a_wrong_first_code(
     assert grouped in browser.get("/account/2fa/totp").text
 
     wrong_code = f"{(int(code_at(secret)) + 1) % 1_000_000:06d}"
-    wrong = browser.submit(page, "/account/2fa/totp", current_password=person.password, code=wrong_code)
+    wrong = browser.submit(page, "/account/2fa/totp", code=wrong_code)
     assert wrong.status_code == 400 and any(e.startswith(CODE_ERROR) for e in errors(wrong))
-    no_password = browser.submit(page, "/account/2fa/totp", current_password="not it", code=code_at(secret))
-    assert no_password.status_code == 400 and "The current password is incorrect." in errors(no_password)
+    # ASVS 7.5.1: the fresh sign-in (idp/login/reauth.py) replaces a password field here.
+    assert "current_password" not in form_fields(page.text, "/account/2fa/totp")[1]
     assert db_user(server, person.id).totp_enabled_at is None
 
-    done = browser.submit(page, "/account/2fa/totp", current_password=person.password, code=code_at(secret))
+    done = browser.submit(page, "/account/2fa/totp", code=code_at(secret))
     assert done.status_code == 303
     user = db_user(server, person.id)
     assert user.totp_enabled_at is not None
@@ -147,7 +147,7 @@ def test_recovery_codes_are_shown_once_with_no_store_and_stored_hashed(server, m
     browser.sign_in(person.login, person.password)
     page = browser.get("/account/2fa/totp")
     secret = re.search(r'<code class="secret">([A-Z2-7 ]+)</code>', page.text).group(1).replace(" ", "")
-    browser.submit(page, "/account/2fa/totp", current_password=person.password, code=code_at(secret))
+    browser.submit(page, "/account/2fa/totp", code=code_at(secret))
     shown = browser.get("/account/2fa/recovery-codes")
     assert shown.headers["Cache-Control"] == "no-store"
     codes = re.findall(r"<li><code>([0-9a-z]{5}-[0-9a-z]{5})</code></li>", shown.text)
@@ -272,9 +272,8 @@ def test_new_recovery_codes_invalidate_the_old_ones(server, make_user):
     give_code(browser, second_step(browser, person), old_codes[0])
     status = browser.get("/account/2fa")
     assert "9 unused recovery codes" in status.text
-    wrong = browser.submit(status, "/account/2fa/recovery-codes/new", current_password="wrong")
-    assert wrong.status_code == 400 and "The current password is incorrect." in errors(wrong)
-    made = browser.submit(status, "/account/2fa/recovery-codes/new", current_password=person.password)
+    assert "current_password" not in form_fields(status.text, "/account/2fa/recovery-codes/new")[1]
+    made = browser.submit(status, "/account/2fa/recovery-codes/new")
     assert made.status_code == 303
     shown = browser.get(made.headers["Location"])
     assert shown.headers["Cache-Control"] == "no-store"
@@ -291,19 +290,24 @@ def test_new_recovery_codes_invalidate_the_old_ones(server, make_user):
     assert mails == ["mfa_added", "recovery_codes_new"]
 
 
-def test_removal_needs_the_password_and_a_code(server, make_user):
+def test_removal_needs_a_fresh_sign_in_and_a_code(server, make_user):
+    from tests.integration.test_reauth import age_session, reauth_target
+
     person, secret, codes = enrolled(server, make_user, email="remove@example.test")
     browser = english(server)
     give_code(browser, second_step(browser, person), codes[0])
     status = browser.get("/account/2fa")
-    no_code = browser.submit(status, "/account/2fa/totp/remove", current_password=person.password, code="000000")
+    no_code = browser.submit(status, "/account/2fa/totp/remove", code="000000")
     assert no_code.status_code == 400 and CODE_ERROR in errors(no_code)
     forget_used_step(server, person.id)
-    no_password = browser.submit(status, "/account/2fa/totp/remove", current_password="wrong", code=code_at(secret))
-    assert no_password.status_code == 400 and "The current password is incorrect." in errors(no_password)
+    # ASVS 7.5.1: a sign-in older than the re-authentication limit changes nothing.
+    age_session(server, browser)
+    stale = browser.submit(status, "/account/2fa/totp/remove", code=code_at(secret))
+    assert reauth_target(stale) == "/account/2fa"
     assert db_user(server, person.id).totp_enabled_at is not None
-    removed = browser.submit(status, "/account/2fa/totp/remove", current_password=person.password,
-                             code=code_at(secret))
+    page = browser.get(stale.headers["Location"])
+    assert browser.submit(page, "/login/reauth", password=person.password, code=codes[1]).status_code == 303
+    removed = browser.submit(status, "/account/2fa/totp/remove", code=code_at(secret))
     assert removed.status_code == 303
     user = db_user(server, person.id)
     assert user.totp_enabled_at is None and user.totp_secret_encrypted is None
@@ -389,7 +393,7 @@ def test_the_pending_second_step_expires(server, make_user):
         import json
 
         data = json.loads(svc.redis.get(key) or "{}")
-        pending = data.get("pending_second_factor")
+        pending = data.get("pending_sign_in")
         if pending and pending.get("uid") == person.id:
             pending["expires"] = time.time() - 1
             svc.redis.set(key, json.dumps(data), keepttl=True)
