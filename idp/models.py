@@ -1,5 +1,6 @@
 """Every model, imported in one place for Alembic and create_all."""
 
+from idp.access.models import Restriction, SharingFlag
 from idp.accounts.models import (
     ActivationCode,
     Obligation,
@@ -20,6 +21,7 @@ from idp.notify.models import OutboxMessage
 from idp.oidc.models import (
     AccessToken,
     AuthorizationCode,
+    BackchannelLogoutDelivery,
     Client,
     Consent,
     RefreshToken,
@@ -27,6 +29,9 @@ from idp.oidc.models import (
 )
 
 __all__ = [
+    "BackchannelLogoutDelivery",
+    "Restriction",
+    "SharingFlag",
     "AccessToken",
     "OutboxMessage",
     "ActivationCode",

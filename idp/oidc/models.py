@@ -31,6 +31,8 @@ class Client(Base):
     redirect_uris: Mapped[list[str]] = mapped_column(JSON, default=list)
     post_logout_redirect_uris: Mapped[list[str]] = mapped_column(JSON, default=list)
     backchannel_logout_uri: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    # OIDC Back-Channel Logout 1.0 §2.2: the app wants the ``sid`` claim in logout tokens.
+    backchannel_logout_session_required: Mapped[bool] = mapped_column(Boolean, default=True)
     grant_types: Mapped[list[str]] = mapped_column(JSON, default=list)
     scopes: Mapped[list[str]] = mapped_column(JSON, default=list)
     token_endpoint_auth_method: Mapped[str] = mapped_column(String(32), default="client_secret_basic")
@@ -230,3 +232,25 @@ class SigningKey(Base):
     # Set when a newer key takes over signing; published until `publish_until`.
     retired_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     publish_until: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class BackchannelLogoutDelivery(Base):
+    """One logout token to POST to one app's ``backchannel_logout_uri`` (OIDC Back-Channel
+    Logout 1.0). Stored in the transaction that ends the session; the worker delivers it
+    with retries and backoff, like the mail outbox."""
+
+    __tablename__ = "backchannel_logout_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64), index=True)
+    uri: Mapped[str] = mapped_column(String(2048))
+    sid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    subject: Mapped[str] = mapped_column(String(64))
+    logout_token: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # pending -> sending -> delivered, or failed after the last retry.
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
