@@ -29,7 +29,7 @@ from wtforms.widgets import CheckboxInput, ListWidget
 
 from admin_ui import bp
 from admin_ui.csv_export import BOM, safe_cell
-from admin_ui.guard import current_actor, requires
+from admin_ui.guard import can, current_actor, requires
 from admin_ui.nav import add_nav
 from idp.access.permissions import PERMISSIONS
 from idp.accounts import obligations
@@ -39,6 +39,8 @@ from idp.accounts.service import LOGIN_PATTERN, AccountError, normalise_login
 from idp.audit.models import AuditEvent
 from idp.audit.web import audit_event
 from idp.i18n import LANGUAGES
+from idp.login.sessions import app_names, device_label, session_time
+from idp.login.sessions import display_context as session_display
 from idp.services import services
 
 SCHOOL_TZ = ZoneInfo("Asia/Bishkek")
@@ -99,6 +101,7 @@ def account_error_text(exc: AccountError) -> str:
         ("a reason is required", _("Enter a reason.")),
         ("the reason must be at most", _("The reason must be at most %(max)d characters.", max=MAX_REASON)),
         ("an account cannot be its own guardian", _("An account cannot be its own guardian.")),
+        ("the session has already ended", _("This session has already ended.")),
     ]
     for prefix, message in known:
         if text.startswith(prefix):
@@ -362,17 +365,28 @@ def recent_events(user: User) -> tuple[list[AuditEvent], dict[str, str]]:
 def account(user_id: int) -> str:
     user = _account_or_404(user_id)
     events, actor_names = recent_events(user)
+    session_rows = services().sessions.list(user.id)
     return _render(
         "admin/accounts/account.html",
         user=user,
         events=events,
         actor_names=actor_names,
-        sessions=len(services().sessions.list(user.id)),
+        sessions=session_rows,
+        session_apps=app_names(session_rows),
+        **session_display(),
         languages=LANGUAGES,
         # Policy 2.5: what the person accepted, and whether a current version awaits them.
         obligation_status=obligations.status_for(services().db.session, user),
         acceptances=obligations.acceptances(services().db.session, user),
+        # Policy 5.2.1: the account's sharing signals, for those who review them.
+        sharing_flags=_sharing_flags(user) if can("audit:read") else [],
     )
+
+
+def _sharing_flags(user: User) -> list[Any]:
+    from admin_ui.sharing import account_flags  # the sharing area imports this module
+
+    return account_flags(services().db.session, user.id)
 
 
 @bp.route("/accounts/<int:user_id>/profile", methods=["GET", "POST"])
@@ -515,12 +529,13 @@ def _confirmed_action(
     endpoint: str,
     perform: Callable[[Actor, User, str], Any],
     done: Callable[[Any], str],
+    endpoint_args: dict[str, Any] | None = None,
 ) -> Any:
     """GET shows the confirmation form; POST checks the typed login and the reason,
     then runs ``perform(actor, user, reason)`` and flashes ``done(result)``."""
     form = ConfirmedActionForm()
     context = {"form": form, "user": user, "title": title, "explanation": explanation, "button": button,
-               "action": url_for(endpoint, user_id=user.id)}
+               "action": url_for(endpoint, user_id=user.id, **(endpoint_args or {}))}
     if request.method == "GET":
         return _render("admin/accounts/confirm.html", **context)
     # Both checks run so that every mistake is shown at once.
@@ -630,6 +645,28 @@ def account_end_sessions(user_id: int) -> Any:
         endpoint="admin.account_end_sessions",
         perform=account_admin().end_sessions,
         done=lambda ended: _("Sessions ended: %(count)d.", count=ended),
+    )
+
+
+@bp.route("/accounts/<int:user_id>/sessions/<sid>/end", methods=["GET", "POST"])
+@requires("support:sessions:end")
+def account_end_session(user_id: int, sid: str) -> Any:
+    """End one session of the account, with a reason (journalled account:session:end)."""
+    user = _account_or_404(user_id)
+    info = services().sessions.get(user.id, sid) if len(sid) <= 64 else None
+    if info is None:
+        return _back_with(user, _("This session has already ended."))
+    return _confirmed_action(
+        user,
+        title=_("End a session of %(login)s", login=user.login),
+        explanation=_("The session on “%(device)s” (%(ip)s, signed in %(when)s) ends now: that device is signed "
+                      "out and the portal apps opened there stop working. The person's other sessions go on.",
+                      device=device_label(info), ip=info.ip or "—", when=session_time(info.auth_time)),
+        button=_("End this session"),
+        endpoint="admin.account_end_session",
+        endpoint_args={"sid": sid},
+        perform=lambda actor, account, reason: account_admin().end_session(actor, account, sid, reason),
+        done=lambda _result: _("The session was ended."),
     )
 
 

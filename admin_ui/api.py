@@ -397,6 +397,7 @@ def client_json(client: Client) -> dict[str, Any]:
         "redirect_uris": list(client.redirect_uris or []),
         "post_logout_redirect_uris": list(client.post_logout_redirect_uris or []),
         "backchannel_logout_uri": client.backchannel_logout_uri,
+        "backchannel_logout_session_required": bool(client.backchannel_logout_session_required),
         "token_endpoint_auth_method": client.token_endpoint_auth_method,
         "allowed_roles": list(client.allowed_roles or []),
         "created_at": _timestamp(client.created_at),

@@ -109,6 +109,7 @@ class AppForm(FlaskForm):
     redirect_uris = TextAreaField()
     post_logout_redirect_uris = TextAreaField()
     backchannel_logout_uri = StringField()
+    backchannel_logout_session_required = BooleanField()
     scopes = SelectMultipleField(choices=[(s, s) for s in SCOPES_SUPPORTED], validate_choice=True)
     grant_types = SelectMultipleField(choices=list(GRANT_TYPE_LABELS.items()), validate_choice=True)
     trusted = BooleanField()
@@ -131,6 +132,8 @@ class AppForm(FlaskForm):
 
     def validate_backchannel_logout_uri(self, field: StringField) -> None:
         uri = (field.data or "").strip()
+        if len(uri) > 2048:
+            raise ValidationError(_("At most 2048 characters."))
         if uri:
             _check_uris([uri])
 
@@ -174,6 +177,7 @@ class AppForm(FlaskForm):
             "redirect_uris": _lines(self.redirect_uris.data),
             "post_logout_redirect_uris": _lines(self.post_logout_redirect_uris.data),
             "backchannel_logout_uri": (self.backchannel_logout_uri.data or "").strip() or None,
+            "backchannel_logout_session_required": bool(self.backchannel_logout_session_required.data),
             "grant_types": list(dict.fromkeys(self.grant_types.data)),
             "scopes": list(dict.fromkeys(self.scopes.data)),
             "trusted": bool(self.trusted.data),
@@ -237,6 +241,7 @@ def registration_of(client: Client) -> dict[str, Any]:
         "redirect_uris": list(client.redirect_uris or []),
         "post_logout_redirect_uris": list(client.post_logout_redirect_uris or []),
         "backchannel_logout_uri": client.backchannel_logout_uri,
+        "backchannel_logout_session_required": client.backchannel_logout_session_required,
         "grant_types": list(client.grant_types or []),
         "scopes": list(client.scopes or []),
         "auth_method": client.token_endpoint_auth_method,
@@ -309,7 +314,8 @@ def apps() -> str:
 @requires("clients:write")
 def app_new() -> Any:
     form = RegisterAppForm(role_names=_role_names(), data={"scopes": ["openid", "profile"],
-                                                         "grant_types": ["authorization_code", "refresh_token"]})
+                                                         "grant_types": ["authorization_code", "refresh_token"],
+                                                         "backchannel_logout_session_required": True})
     if form.validate_on_submit():
         db = services().db.session
         try:
@@ -354,6 +360,7 @@ def app_edit(client_id: str) -> Any:
         "redirect_uris": "\n".join(client.redirect_uris or []),
         "post_logout_redirect_uris": "\n".join(client.post_logout_redirect_uris or []),
         "backchannel_logout_uri": client.backchannel_logout_uri or "",
+        "backchannel_logout_session_required": client.backchannel_logout_session_required,
         "scopes": list(client.scopes or []),
         "grant_types": list(client.grant_types or []),
         "trusted": client.trusted,

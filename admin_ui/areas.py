@@ -6,5 +6,7 @@ from admin_ui import dashboard  # noqa: F401
 from admin_ui import accounts  # noqa: F401
 from admin_ui import apps  # noqa: F401
 from admin_ui import roles  # noqa: F401
+from admin_ui import restrictions  # noqa: F401
 from admin_ui import classes  # noqa: F401
 from admin_ui import audit  # noqa: F401
+from admin_ui import sharing  # noqa: F401

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from admin_ui import bp
 from admin_ui.guard import requires
 from admin_ui.nav import add_nav
+from idp.access.models import SharingFlag
 from idp.accounts.models import Role, User, user_roles
 from idp.audit.models import AuditEvent
 from idp.services import services
@@ -74,6 +75,10 @@ def dashboard_figures() -> dict[str, Any]:
         "hours": hours,
         "max_hour": max(hours) or 1,
         "day_end": since + timedelta(days=1),
+        # Policy 5.2.1: account-sharing signals awaiting the security officer's review.
+        "sharing_awaiting": db.scalar(
+            select(func.count(SharingFlag.id)).where(SharingFlag.reviewed_at.is_(None))
+        ) or 0,
     }
 
 

@@ -232,8 +232,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "required": [
             "client_id", "name", "active", "trusted", "grant_types", "scopes", "redirect_uris",
-            "post_logout_redirect_uris", "backchannel_logout_uri", "token_endpoint_auth_method",
-            "allowed_roles", "created_at",
+            "post_logout_redirect_uris", "backchannel_logout_uri", "backchannel_logout_session_required",
+            "token_endpoint_auth_method", "allowed_roles", "created_at",
         ],
         "additionalProperties": False,
         "properties": {
@@ -246,6 +246,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "redirect_uris": _names,
             "post_logout_redirect_uris": _names,
             "backchannel_logout_uri": _nullable_text,
+            "backchannel_logout_session_required": {
+                "type": "boolean",
+                "description": "Logout tokens sent to backchannel_logout_uri carry the session id (sid).",
+            },
             "token_endpoint_auth_method": {"type": "string"},
             "allowed_roles": _names,
             "created_at": _timestamp,

@@ -119,6 +119,10 @@ def clients() -> None:
 @click.option("--public", is_flag=True, help="A public client (no secret; PKCE only).")
 @click.option("--trusted", is_flag=True, help="First-party app: skip the consent page.")
 @click.option("--client-id", default=None)
+@click.option("--backchannel-logout-uri", default=None,
+              help="Where logout tokens are POSTed when a session that used the app ends.")
+@click.option("--backchannel-logout-session-required/--no-backchannel-logout-session-required", default=True,
+              help="Logout tokens carry the session id (sid); on by default.")
 @with_appcontext
 def clients_create(
     name: str,
@@ -129,6 +133,8 @@ def clients_create(
     public: bool,
     trusted: bool,
     client_id: str | None,
+    backchannel_logout_uri: str | None,
+    backchannel_logout_session_required: bool,
 ) -> None:
     """Register a portal app; prints its client id and (once) its secret as JSON."""
     svc = services()
@@ -144,10 +150,13 @@ def clients_create(
                 auth_method="none" if public else "client_secret_basic",
                 trusted=trusted,
                 client_id=client_id,
+                backchannel_logout_uri=backchannel_logout_uri,
+                backchannel_logout_session_required=backchannel_logout_session_required,
             )
             out = {"client_id": client.client_id, "client_secret": secret}
             svc.journal.record(session, actor=_cli_actor(), action="client:create", subject=f"client:{client.client_id}",
-                               details={"name": client.name, "redirect_uris": client.redirect_uris})
+                               details={"name": client.name, "redirect_uris": client.redirect_uris,
+                                        "backchannel_logout_uri": client.backchannel_logout_uri})
     except ClientError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(out))
@@ -299,6 +308,75 @@ def audit_verify() -> None:
     click.echo(f"audit journal is intact: {result.checked} rows")
 
 
+# --- access ------------------------------------------------------------------------
+@main.group()
+def access() -> None:
+    """Restrictions and the access decision."""
+
+
+@access.command("explain")
+@click.argument("login")
+@click.option("--app", "client_id", default=None, help="The portal app (client id); without it, the sign-in only.")
+@click.option("--at", "at", default=None, help="ISO time, e.g. 2025-09-01T08:30 (Asia/Bishkek unless an offset is given).")
+@click.option("--ip", default=None, help="The person's IP address; without it network rules are not checked.")
+@click.option("--scope", "scopes", multiple=True, help="A scope asked for; repeat for several (default: the app's).")
+@with_appcontext
+def access_explain(login: str, client_id: str | None, at: str | None, ip: str | None, scopes: tuple[str, ...]) -> None:
+    """Why can (not) LOGIN sign in (to an app) now or then: the same reasons the person and
+    the app get. Exit code 0 allowed, 1 refused, 2 bad input."""
+    from flask_babel import force_locale
+
+    from idp.access.decision import SCHOOL_TZ
+    from idp.access.messages import reason_message
+    from idp.access.networks import parse_ip
+    from idp.access.restrictions import explain, find_account, find_client, parse_moment
+    from idp.oidc.claims import SCOPES_SUPPORTED
+
+    svc = services()
+    db = svc.db.session
+
+    def bad(message: str) -> None:
+        click.echo(f"error: {message}", err=True)
+        sys.exit(2)
+
+    user = find_account(db, login)
+    if user is None:
+        bad(f"no account has the login {login!r}")
+    client = None
+    if client_id:
+        client = find_client(db, client_id)
+        if client is None:
+            bad(f"no portal app has the client id {client_id!r}")
+    try:
+        moment = parse_moment(at, svc.clock())
+    except ValueError:
+        bad(f"--at {at!r} is not an ISO time such as 2025-09-01T08:30")
+    if ip is not None and parse_ip(ip) is None:
+        bad(f"--ip {ip!r} is not an IP address")
+    unknown = [s for s in scopes if s not in SCOPES_SUPPORTED]
+    if unknown:
+        bad(f"unknown scope: {' '.join(unknown)} (known: {' '.join(SCOPES_SUPPORTED)})")
+    assert user is not None
+    result = explain(db, svc.settings, user, client=client, at=moment, ip=ip, scopes=list(scopes))
+    decision = result.decision
+    with force_locale("en"):
+        click.echo(f"{user.login}: {'ALLOWED' if decision.allowed else 'REFUSED'}")
+        where = f"{ip} ({decision.network})" if ip else "address not given (network rules not checked)"
+        app = f"{client.name} ({client.client_id})" if client else "sign-in only"
+        click.echo(f"  app: {app}; at: {moment.astimezone(SCHOOL_TZ):%Y-%m-%d %H:%M} Asia/Bishkek; from: {where}")
+        click.echo(f"  methods assumed: {' '.join(result.amr)}")
+        for reason in decision.reasons:
+            source = f" (restriction #{reason.restriction_id})" if reason.restriction_id else ""
+            kind = "refused" if reason.blocking else "note"
+            click.echo(f"  - {kind} [{reason.code}] {reason_message(reason)}{source}")
+        if client is not None:
+            click.echo(f"  scopes granted: {' '.join(decision.granted_scopes) or '-'}")
+        policy = decision.session
+        limit = f", at most {policy.max_sessions} sessions ({policy.at_session_limit})" if policy.max_sessions else ""
+        click.echo(f"  session: idle {policy.idle_timeout}s, lifetime {policy.absolute_timeout}s{limit}")
+    sys.exit(0 if decision.allowed else 1)
+
+
 # --- mail and the worker -------------------------------------------------------------
 @main.group()
 def mail() -> None:
@@ -344,10 +422,27 @@ def mail_sink(port: int, out_dir: str) -> None:
         controller.stop()
 
 
+@main.group()
+def logout() -> None:
+    """Back-channel logout tokens to portal apps."""
+
+
+@logout.command("deliver")
+@click.option("--retry-waiting", is_flag=True,
+              help="Also send the logout tokens waiting for a later retry (e.g. once an app is back).")
+@with_appcontext
+def logout_deliver(retry_waiting: bool) -> None:
+    """POST the back-channel logout tokens that are due now, once, and say what happened."""
+    svc = services()
+    report = svc.backchannel.deliver_due(svc.db.factory, retry_waiting=retry_waiting)
+    click.echo(f"delivered {report.delivered}, retry later {report.retried}, failed {report.failed}")
+
+
 @main.command("worker")
 @click.option("--burst", is_flag=True, help="Deliver what is due, run the queued jobs, then exit.")
 def worker(burst: bool) -> None:
-    """Run background jobs (RQ on the configured Redis): outbox delivery with retries."""
+    """Run background jobs (RQ on the configured Redis): outbox and back-channel logout
+    delivery with retries."""
     from idp.config import Settings
     from idp.worker import run_worker
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
+
+from idp.access.networks import NetworkError, validate_networks
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names the variable and says why."""
 
 
 def _parse(value: str, kind: type) -> Any:
@@ -15,6 +22,8 @@ def _parse(value: str, kind: type) -> Any:
         return int(value)
     if kind is list:
         return [item.strip() for item in value.split(",") if item.strip()]
+    if kind is dict:
+        return json.loads(value)
     return value
 
 
@@ -36,6 +45,15 @@ class Settings:
     # Browser session lifetimes (seconds); see ASVS 7.3 / NIST 800-63B-4 §2.2.3.
     session_idle_timeout: int = 3600
     session_absolute_timeout: int = 43200
+    # The school's named networks (policy 4.2.5, 5.1): JSON name -> list of CIDR blocks.
+    # Every named network is inside the school; restrictions name them. The default puts
+    # loopback inside, so the demo on 127.0.0.1 is "at school".
+    networks: dict = dataclasses.field(default_factory=lambda: {"school": ["127.0.0.0/8", "::1/128"]})
+    # Named networks of shared computers (labs, the library): sessions signed in there
+    # get these shorter idle and absolute lifetimes (seconds).
+    shared_networks: list = dataclasses.field(default_factory=list)
+    shared_network_idle_seconds: int = 900
+    shared_network_absolute_seconds: int = 3600
     # Token lifetimes (seconds).
     code_lifetime: int = 60
     access_token_lifetime: int = 600
@@ -93,8 +111,21 @@ class Settings:
     smtp_timeout: int = 10
     # A message is tried this many times (backoff 30 s doubling up to 1 h) before it fails.
     mail_max_attempts: int = 20
-    # How often the worker looks for due outbox messages (seconds).
+    # How often the worker looks for due outbox messages and back-channel logouts (seconds).
     outbox_poll_seconds: int = 5
+    # Back-channel logout (OIDC Back-Channel Logout 1.0): seconds to wait for an app's
+    # answer, and tries per logout token (backoff as for mail) before it is marked failed.
+    backchannel_timeout: int = 5
+    backchannel_max_attempts: int = 10
+    # Account-sharing signals (policy 5.2.1), flagged to the security officer: more live
+    # sessions than this (when no restriction sets a session limit), ...
+    sharing_max_sessions: int = 3
+    # ... live sessions seen within this many seconds of each other from places far
+    # apart (different named networks, or outside addresses in different /16 or /32), ...
+    sharing_concurrent_window_seconds: int = 900
+    # ... and more distinct devices than this signing in within the window (seconds).
+    sharing_max_devices: int = 4
+    sharing_device_window_seconds: int = 86400
     # Extra options that only tests set.
     testing: bool = False
 
@@ -107,13 +138,17 @@ class Settings:
             raw = environ.get("IDP_" + f.name.upper())
             if raw is None:
                 continue
-            kind = f.type if isinstance(f.type, type) else {"bool": bool, "int": int, "list": list}.get(
+            kind = f.type if isinstance(f.type, type) else {"bool": bool, "int": int, "list": list, "dict": dict}.get(
                 str(f.type), str
             )
-            values[f.name] = _parse(raw, kind)
+            try:
+                values[f.name] = _parse(raw, kind)
+            except json.JSONDecodeError as exc:
+                raise SettingsError(f"IDP_{f.name.upper()} is not valid JSON: {exc}") from exc
         values.update(overrides)
         settings = cls(**values)
         settings.issuer = settings.issuer.rstrip("/")
+        settings._check_networks()
         if settings.issuer.startswith("http://127.0.0.1") or settings.issuer.startswith(
             "http://localhost"
         ):
@@ -122,6 +157,22 @@ class Settings:
             if "IDP_COOKIE_SECURE" not in environ and "cookie_secure" not in overrides:
                 settings.cookie_secure = False
         return settings
+
+    def _check_networks(self) -> None:
+        """Refuse to start with named networks that cannot be used (a clear message
+        rather than a restriction that silently matches nothing)."""
+        try:
+            self.networks = validate_networks(self.networks)
+        except NetworkError as exc:
+            raise SettingsError(f"IDP_NETWORKS: {exc}") from exc
+        unknown = [name for name in self.shared_networks if name not in self.networks]
+        if unknown:
+            raise SettingsError(
+                f"IDP_SHARED_NETWORKS names networks that IDP_NETWORKS does not define: {', '.join(unknown)}"
+            )
+        for name in ("shared_network_idle_seconds", "shared_network_absolute_seconds"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"IDP_{name.upper()} must be a positive number of seconds")
 
     @property
     def is_https(self) -> bool:

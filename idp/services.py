@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import current_app
 from redis import Redis
@@ -11,6 +11,7 @@ from connectors.mail import MailTransport
 from idp.accounts.blocklist import BlocklistSource, build_blocklist
 from idp.accounts.passwords import PasswordHashing
 from idp.audit.journal import Journal
+from idp.clock import Clock, utc_now
 from idp.config import Settings
 from idp.crypto import SecretBox
 from idp.db import Database
@@ -19,7 +20,8 @@ from idp.mfa.passkeys import PasskeyService
 from idp.mfa.service import TwoFactorService
 from idp.notify.jobs import build_mail_transport, build_outbox
 from idp.notify.outbox import Outbox
-from idp.oidc.keys import KeyService
+from idp.oidc.backchannel import BackchannelLogout
+from idp.oidc.keys import KeyService, build_key_service
 from idp.oidc.tokens import TokenService
 from idp.sessions.registry import SessionRegistry
 
@@ -52,6 +54,12 @@ class Services:
     two_factor: TwoFactorService
     # Passkeys (WebAuthn) for the issuer's host, with single-use challenges in Redis.
     passkeys: PasskeyService
+    # OIDC Back-Channel Logout: the apps used from each session, and logout tokens for
+    # them when it ends (queued by the session registry, delivered by the worker).
+    backchannel: BackchannelLogout
+    # The time the access decision (idp/access/decision.py) is taken at; aware UTC. Tests
+    # replace it to run the provider at a fixed moment.
+    clock: Clock = field(default=utc_now)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -59,19 +67,15 @@ class Services:
         redis = Redis.from_url(
             settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
         )
-        box = SecretBox(settings.data_key or settings.secret_key, "signing-keys")
-        keys = KeyService(
-            session_factory=db.factory,
-            box=box,
-            retire_after=max(settings.key_retire_after, settings.id_token_lifetime, settings.access_token_lifetime),
-            cache_seconds=settings.key_cache_seconds,
-        )
+        keys = build_key_service(settings, db.factory)
         passwords = PasswordHashing(
             time_cost=settings.argon2_time_cost,
             memory_cost=settings.argon2_memory_cost,
             parallelism=settings.argon2_parallelism,
         )
         tokens = TokenService(settings=settings, keys=keys)
+        journal = Journal()
+        backchannel = BackchannelLogout(settings=settings, tokens=tokens, journal=journal, redis=redis)
         return cls(
             settings=settings,
             db=db,
@@ -79,8 +83,8 @@ class Services:
             passwords=passwords,
             keys=keys,
             tokens=tokens,
-            journal=Journal(),
-            sessions=SessionRegistry(redis=redis, tokens=tokens),
+            journal=journal,
+            sessions=SessionRegistry(redis=redis, tokens=tokens, backchannel=backchannel),
             blocklist=build_blocklist(settings.password_blocklist, settings.password_blocklist_file),
             login_account_throttle=Throttle(
                 redis=redis, purpose="login:account", free_failures=settings.login_account_free_failures,
@@ -114,6 +118,7 @@ class Services:
                 school_name=settings.school_name,
             ),
             passkeys=PasskeyService(redis=redis, issuer=settings.issuer, rp_name=settings.school_name),
+            backchannel=backchannel,
         )
 
 

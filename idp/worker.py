@@ -1,5 +1,5 @@
-"""The ``darbaza worker`` process: an RQ worker, and a small scheduler thread that queues an
-outbox-delivery job every few seconds."""
+"""The ``darbaza worker`` process: an RQ worker, and a small scheduler thread that queues the
+delivery jobs (mail outbox, back-channel logout) every few seconds."""
 
 from __future__ import annotations
 
@@ -15,28 +15,51 @@ log = logging.getLogger("darbaza.worker")
 
 QUEUE_NAME = "darbaza"
 DELIVER_OUTBOX_JOB = "idp.notify.jobs.deliver_outbox"
-# Held for one interval by whichever worker queued the delivery job of that interval.
-OUTBOX_SCHEDULE_KEY = "darbaza:worker:outbox-scheduled"
+DELIVER_BACKCHANNEL_JOB = "idp.oidc.backchannel.deliver_backchannel_logouts"
+# Each key is held for one interval by whichever worker queued that job in the interval.
+DELIVERY_JOBS = {
+    DELIVER_OUTBOX_JOB: "darbaza:worker:outbox-scheduled",
+    DELIVER_BACKCHANNEL_JOB: "darbaza:worker:backchannel-scheduled",
+}
 
 
-def schedule_outbox_delivery(redis: Redis, queue: Queue, interval: float) -> bool:
-    """Queue one delivery job unless another worker already did in this interval.
+def schedule_deliveries(redis: Redis, queue: Queue, interval: float) -> list[str]:
+    """Queue each delivery job unless another worker already did in this interval; the
+    jobs queued.
 
-    Delivery is safe to run twice (each message is claimed atomically); the lock only
-    keeps N workers from queueing N jobs every interval.
+    Delivery is safe to run twice (each row is claimed atomically); the locks only keep
+    N workers from queueing N jobs every interval.
     """
-    if not redis.set(OUTBOX_SCHEDULE_KEY, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
+    queued = []
+    for job, lock_key in DELIVERY_JOBS.items():
+        if not redis.set(lock_key, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
+            continue
+        # A pass that outlives its timeout is killed; its claimed rows come back after the lease.
+        queue.enqueue(job, job_timeout=300, result_ttl=60, failure_ttl=7 * 86400)
+        queued.append(job)
+    return queued
+
+
+# Sessions that timed out are ended (tokens revoked, back-channel logout queued) by a
+# sweep once a minute (idp/sessions/jobs.py); one worker queues it per minute.
+SWEEP_SESSIONS_JOB = "idp.sessions.jobs.sweep_sessions"
+SWEEP_SCHEDULE_KEY = "darbaza:worker:sessions-sweep-scheduled"
+SWEEP_INTERVAL = 60
+
+
+def schedule_session_sweep(redis: Redis, queue: Queue, interval: float = SWEEP_INTERVAL) -> bool:
+    """Queue the timed-out-sessions sweep unless a worker already did this minute."""
+    if not redis.set(SWEEP_SCHEDULE_KEY, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
         return False
-    # A pass that outlives its timeout is killed; its claimed rows come back after the lease.
-    queue.enqueue(DELIVER_OUTBOX_JOB, job_timeout=300, result_ttl=60, failure_ttl=7 * 86400)
+    queue.enqueue(SWEEP_SESSIONS_JOB, job_timeout=300, result_ttl=60, failure_ttl=7 * 86400)
     return True
 
 
-class OutboxScheduler(threading.Thread):
-    """Calls ``schedule_outbox_delivery`` every ``interval`` seconds until ``stop``."""
+class DeliveryScheduler(threading.Thread):
+    """Calls ``schedule_deliveries`` every ``interval`` seconds until ``stop``."""
 
     def __init__(self, redis: Redis, queue: Queue, interval: float) -> None:
-        super().__init__(name="outbox-scheduler", daemon=True)
+        super().__init__(name="delivery-scheduler", daemon=True)
         self.redis = redis
         self.queue = queue
         self.interval = interval
@@ -45,10 +68,11 @@ class OutboxScheduler(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
-                schedule_outbox_delivery(self.redis, self.queue, self.interval)
+                schedule_deliveries(self.redis, self.queue, self.interval)
+                schedule_session_sweep(self.redis, self.queue)
             except RedisError as exc:
-                # Redis will come back; the outbox in the database keeps every message.
-                log.warning("could not schedule outbox delivery: %s", exc)
+                # Redis will come back; the database keeps every message and logout token.
+                log.warning("could not schedule deliveries: %s", exc)
             self._stop_event.wait(self.interval)
 
     def stop(self) -> None:
@@ -63,9 +87,10 @@ def run_worker(redis_url: str, poll_seconds: float, burst: bool = False) -> None
     # No socket timeout here: RQ blocks on the queue for minutes at a time.
     redis = Redis.from_url(redis_url)
     queue = Queue(QUEUE_NAME, connection=redis)
-    scheduler = OutboxScheduler(redis, queue, poll_seconds)
+    scheduler = DeliveryScheduler(redis, queue, poll_seconds)
     if burst:
-        schedule_outbox_delivery(redis, queue, poll_seconds)
+        schedule_deliveries(redis, queue, poll_seconds)
+        schedule_session_sweep(redis, queue)
     else:
         scheduler.start()
     try:

@@ -247,7 +247,7 @@ class AccountAdmin:
         reason = require_reason(reason)
         user.locked = True
         user.lock_reason = reason
-        ended = self.sessions.end_all(self.db, user.id)
+        ended = self.sessions.end_all(self.db, user.id, reason=reason, actor=actor.ref)
         self._record(actor, "account:lock", user, reason, sessions_ended=ended)
         return ended
 
@@ -294,9 +294,19 @@ class AccountAdmin:
     def end_sessions(self, actor: Actor, user: User, reason: str) -> int:
         self._need(actor, "support:sessions:end")
         reason = require_reason(reason)
-        ended = self.sessions.end_all(self.db, user.id)
+        ended = self.sessions.end_all(self.db, user.id, reason=reason, actor=actor.ref)
         self._record(actor, "account:sessions:end", user, reason, sessions_ended=ended)
         return ended
+
+    def end_session(self, actor: Actor, user: User, sid: str, reason: str) -> bool:
+        """End one session of the account (tokens revoked, its portal apps told)."""
+        self._need(actor, "support:sessions:end")
+        reason = require_reason(reason)
+        info = self.sessions.get(user.id, sid)
+        if info is None or not self.sessions.end(self.db, user.id, sid, reason=reason, actor=actor.ref):
+            raise AccountError("the session has already ended")
+        self._record(actor, "account:session:end", user, reason, sid=sid, device=info.device, ip=info.ip)
+        return True
 
     def require_password_change(self, actor: Actor, user: User, reason: str) -> None:
         self._need(actor, "support:credentials:reset")

@@ -1,19 +1,30 @@
 """Completing and ending a browser sign-in: one place that rotates the session id,
-records what was done (amr/acr) and revokes what a sign-out must end."""
+records what was done (amr/acr) and where from, keeps the account within its
+concurrent-session limit, and ends what a sign-out must end."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
+from typing import Any
 
-from flask import session
+from flask import g, request, session
 from flask_login import login_user, logout_user
 
+from idp.access.decision import session_policy
+from idp.access.networks import network_of
 from idp.accounts.models import User
 from idp.services import services
+from idp.sessions.devices import MAX_UA, describe_device
+from idp.sessions.registry import SessionLimitReached
+
+log = logging.getLogger("darbaza.login")
 
 ACR_SINGLE_FACTOR = "urn:darbaza:loa:1"
 ACR_MULTI_FACTOR = "urn:darbaza:loa:2"
+
+__all__ = ["SessionLimitReached", "acr_for", "complete_sign_in", "end_current_session", "sign_out"]
 
 
 def acr_for(amr: list[str]) -> str:
@@ -24,31 +35,96 @@ def acr_for(amr: list[str]) -> str:
 
 
 def complete_sign_in(user: User, amr: list[str]) -> None:
-    """Start a fresh authenticated session (ASVS 7.2.4: new id at every authentication)."""
-    previous_sid = session.get("sid")
-    keep = {k: session[k] for k in ("lang", "ui_locales") if k in session}
-    session.clear()
-    session.regenerate()  # type: ignore[attr-defined]
-    if previous_sid:
-        services().redis.delete(f"sid:{previous_sid}")
+    """Start a fresh authenticated session (ASVS 7.2.4: new id at every authentication).
+
+    The session records where it comes from (IP, User-Agent, a device label, the named
+    network) and its own idle and absolute timeouts from the session policy; it is
+    created in Redis here, atomically within the account's limit of concurrent
+    sessions. At the limit the policy either refuses (``SessionLimitReached`` is raised
+    and nothing changes) or ends the oldest session the normal way. Commits."""
+    svc = services()
+    db = svc.db.session
     now = time.time()
-    session.update(keep)
-    session["uid"] = user.id
-    session["sid"] = secrets.token_urlsafe(24)
-    session["auth_time"] = int(now)
-    session["authenticated_at"] = now
-    session["last_seen"] = now
-    session["amr"] = amr
-    session["acr"] = acr_for(amr)
+    ip = request.remote_addr
+    user_agent = (request.headers.get("User-Agent") or "")[:MAX_UA]
+    policy = session_policy(db, user, ip=ip, now=svc.clock(), settings=svc.settings)
+    sid = secrets.token_urlsafe(24)
+    data: dict[str, Any] = {k: session[k] for k in ("lang", "ui_locales") if k in session}
+    data.update(
+        uid=user.id,
+        sid=sid,
+        auth_time=int(now),
+        authenticated_at=now,
+        last_seen=now,
+        amr=amr,
+        acr=acr_for(amr),
+        ip=ip,
+        ua=user_agent,
+        device=describe_device(user_agent),
+        network=network_of(ip, svc.settings.networks),
+        idle_timeout=policy.idle_timeout,
+        absolute_timeout=policy.absolute_timeout,
+    )
+    token = secrets.token_urlsafe(32)
+    try:
+        evicted, replaced = svc.sessions.create(
+            user.id, token, data, max_sessions=policy.max_sessions, at_limit=policy.at_session_limit,
+            replaces_token=getattr(session, "token", None),
+        )
+    except SessionLimitReached as exc:
+        exc.user_id = user.id
+        raise
+    for ended in evicted:
+        svc.sessions.finish(db, ended)
+        svc.journal.record(
+            db, actor="system", action="account:session:end", subject=f"user:{user.id}", reason="session-limit",
+            ip=ip, request_id=getattr(g, "request_id", None),
+            details={"sid": ended.sid, "device": ended.data.get("device"), "limit": policy.max_sessions,
+                     "new_sid": sid},
+        )
+    if replaced is not None:
+        # This browser's earlier signed-in session, replaced by this one.
+        svc.sessions.finish(db, replaced)
+    session.adopt(token, data)  # type: ignore[attr-defined]
     login_user(user)
+    db.commit()
+    _check_sharing(user, sid)
+
+
+def _check_sharing(user: User, sid: str) -> None:
+    """Policy 5.2.1: look for signs that the account is shared (idp/sessions/signals.py).
+    A failure there must not undo the sign-in; it is logged."""
+    from idp.sessions.signals import after_sign_in
+
+    svc = services()
+    db = svc.db.session
+    try:
+        after_sign_in(db, svc.redis, svc.settings, user, svc.sessions.list(user.id), new_sid=sid,
+                      journal=svc.journal, request_id=getattr(g, "request_id", None))
+        db.commit()
+    except Exception:
+        log.exception("account-sharing check failed for user %s", user.id)
+        db.rollback()
+
+
+def end_current_session(reason: str) -> int | None:
+    """End this browser's signed-in session the normal way (tokens revoked, portal apps
+    told); the account id it belonged to, or None when it was not signed in. Commits;
+    the caller clears or destroys the Flask session."""
+    uid, sid = session.get("uid"), session.get("sid")
+    if uid is None or not sid:
+        return None
+    svc = services()
+    db = svc.db.session
+    if not svc.sessions.end(db, int(uid), str(sid), reason=reason, actor=f"user:{uid}"):
+        # Already gone (timed out, ended elsewhere): its tokens end all the same.
+        svc.tokens.revoke_session(db, str(sid))
+    db.commit()
+    return int(uid)
 
 
 def sign_out() -> None:
     """End the browser session and revoke the tokens that were bound to it."""
-    sid = session.get("sid")
-    if sid:
-        svc = services()
-        svc.tokens.revoke_session(svc.db.session, sid)
-        svc.db.session.commit()
+    end_current_session("sign-out")
     logout_user()
     session.destroy()  # type: ignore[attr-defined]

@@ -25,11 +25,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flask import redirect, session, url_for
+from flask import redirect, render_template, session, url_for
 
+from idp.access.decision import requires_second_factor
 from idp.accounts.models import User
 from idp.audit.web import audit_event
-from idp.login.flow import complete_sign_in
+from idp.login.flow import SessionLimitReached, complete_sign_in, end_current_session
+from idp.login.refusal import sign_in_refusal
 from idp.services import services
 
 KEY = "pending_sign_in"
@@ -52,7 +54,8 @@ def due_step(user: User, amr: Iterable[str]) -> str | None:
         return SECOND_FACTOR
     if user.must_change_password:
         return CHANGE_PASSWORD
-    if "mfa" not in done and user.requires_2fa:
+    if "mfa" not in done and (user.requires_2fa or requires_second_factor(services().db.session, user)):
+        # A role, or a restriction (policy 5.1), requires 2FA of this account.
         return ENROL_SECOND_FACTOR
     from idp.accounts.obligations import obligations_pending
 
@@ -65,6 +68,9 @@ def begin(user: User, amr: list[str], flow: str | None, next_url: str | None) ->
     """A first factor was verified: start the chain (or finish at once)."""
     from idp.login.views import safe_next
 
+    # A session this browser was signed in with ends here the normal way (its tokens are
+    # revoked and its apps told), not silently with the id below.
+    end_current_session("new-sign-in")
     # A new session id, so that a session planted before the credential was given cannot
     # ride on this sign-in (session fixation, ASVS 7.2.4).
     session.regenerate()  # type: ignore[attr-defined]
@@ -140,7 +146,25 @@ def _go_on(user: User, state: dict[str, Any], details: dict[str, Any]) -> Any:
         return redirect(url_for(step), code=303)
     session.pop(KEY, None)
     amr = [str(m) for m in state["amr"]]
-    complete_sign_in(user, amr)
+    # DESIGN "login/": restrictions decide (hours, networks, validity, ...) once every
+    # factor is in, before any session exists; a refusal shows the person why.
+    refusal = sign_in_refusal(user, amr, state.get("flow"))
+    if refusal is not None:
+        return refusal
+    try:
+        complete_sign_in(user, amr)
+    except SessionLimitReached as exc:
+        return session_limit_page(exc, user_id=user.id)
     audit_event("account:login:success", actor=f"user:{user.id}", subject=f"user:{user.id}",
                 details={"amr": amr, **details})
     return _after_sign_in(state.get("flow"), state.get("next"))
+
+
+def session_limit_page(exc: SessionLimitReached, *, user_id: int | None) -> Any:
+    """The account already holds as many sessions as its restrictions allow and the
+    policy refuses more: a 403 page that says so and what to do, naming nothing about
+    other accounts (restriction ``at_session_limit = "refuse"``)."""
+    audit_event("account:login:refused", actor=f"user:{user_id}" if user_id else None,
+                subject=f"user:{user_id}" if user_id else None, reason="session-limit",
+                details={"limit": exc.limit, "sessions": exc.sessions})
+    return render_template("login_session_limit.html", limit=exc.limit), 403

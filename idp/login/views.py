@@ -183,6 +183,8 @@ from idp.login import (  # noqa: E402,F401
     password,  # noqa: E402,F401  (the self-service /account/password)
     password_reset,  # noqa: E402,F401  (/password/forgot and /password/reset/<token>)
     reauth,  # noqa: E402,F401  (/login/reauth: "Confirm it's you")
+    refused,  # noqa: E402,F401  (/login/refused: why restrictions refused a sign-in)
     required,
+    sessions,  # noqa: E402,F401  (/account/sessions: "My sessions")
     two_factor,  # noqa: E402,F401  (/login/second-factor and /account/2fa)
 )

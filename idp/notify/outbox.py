@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateNotFound
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from connectors.mail import MailPermanentError, MailTemporaryError, MailTransport
+from idp.delivery_queue import claim, due_ids, naive_utc, reclaim_stale, retry_delay, settle
 from idp.notify.models import OutboxMessage
 
 log = logging.getLogger("darbaza.outbox")
@@ -46,10 +46,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 LOCALES = ("ky", "ru", "en")
 
-FIRST_RETRY = timedelta(seconds=30)
-MAX_RETRY_DELAY = timedelta(hours=1)
-# A row left in 'sending' longer than this belongs to a worker that died mid-send.
-CLAIM_LEASE = timedelta(minutes=10)
+# Retries back off as idp.delivery_queue.retry_delay says (30 s doubling, at most 1 h);
+# a row left in 'sending' past its lease (CLAIM_LEASE there) is sent again.
 BATCH_SIZE = 100
 ERROR_TEXT_LIMIT = 2000
 
@@ -60,24 +58,6 @@ class OutboxError(ValueError):
 
 class UnsafeHeaderError(OutboxError):
     """A header value holds a line break: it could add headers of its own (header injection)."""
-
-
-def retry_delay(attempts: int) -> timedelta:
-    """How long to wait after the ``attempts``-th failed try: 30 s, 1 min, 2 min, ... at most 1 h."""
-    if attempts < 1:
-        raise ValueError("attempts starts at 1")
-    # Cap the exponent first so a large count cannot build a huge number.
-    factor = 2 ** min(attempts - 1, 16)
-    return min(FIRST_RETRY * factor, MAX_RETRY_DELAY)
-
-
-def _naive_utc(moment: datetime | None) -> datetime:
-    # The database keeps naive UTC (see accounts.models.utcnow).
-    if moment is None:
-        return datetime.now(UTC).replace(tzinfo=None)
-    if moment.tzinfo is not None:
-        return moment.astimezone(UTC).replace(tzinfo=None)
-    return moment
 
 
 def _single_line(name: str, value: str) -> str:
@@ -193,7 +173,7 @@ class Outbox:
             body_text=rendered.body,
             status="pending",
             attempts=0,
-            next_attempt_at=_naive_utc(None),
+            next_attempt_at=naive_utc(),
             message_id=make_msgid(domain=self._domain),
         )
         session.add(row)
@@ -224,61 +204,17 @@ class Outbox:
         limit: int = BATCH_SIZE,
     ) -> DeliveryReport:
         """Send the messages that are due at ``now``; safe to run in several workers at once."""
-        now = _naive_utc(now)
+        now = naive_utc(now)
         report = DeliveryReport()
-        report.reclaimed = self._reclaim_stale(session_factory, now)
-        with session_factory() as session:
-            due = list(
-                session.scalars(
-                    select(OutboxMessage.id)
-                    .where(OutboxMessage.status == "pending", OutboxMessage.next_attempt_at <= now)
-                    .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
-                    .limit(limit)
-                )
-            )
-        for message_id in due:
-            row = self._claim(session_factory, message_id, now)
+        report.reclaimed = reclaim_stale(session_factory, OutboxMessage, now)
+        if report.reclaimed:
+            log.warning("returned %d message(s) abandoned in 'sending' to the outbox", report.reclaimed)
+        for message_id in due_ids(session_factory, OutboxMessage, due_by=now, limit=limit):
+            row = claim(session_factory, OutboxMessage, message_id, due_by=now, now=now)
             if row is None:
                 continue  # another worker took it first
             self._send_one(session_factory, transport, row, now, report)
         return report
-
-    def _reclaim_stale(self, session_factory: Callable[[], Session], now: datetime) -> int:
-        # A claim sets next_attempt_at to the end of its lease; a 'sending' row past it
-        # was left by a worker that died, and goes back to the queue.
-        with session_factory() as session:
-            result = session.execute(
-                update(OutboxMessage)
-                .where(OutboxMessage.status == "sending", OutboxMessage.next_attempt_at <= now)
-                .values(status="pending")
-            )
-            session.commit()
-            count = int(result.rowcount or 0)  # type: ignore[attr-defined]
-        if count:
-            log.warning("returned %d message(s) abandoned in 'sending' to the outbox", count)
-        return count
-
-    def _claim(self, session_factory: Callable[[], Session], message_id: int, now: datetime) -> OutboxMessage | None:
-        with session_factory() as session:
-            # The conditional UPDATE is the claim: only one worker sees rowcount 1.
-            result = session.execute(
-                update(OutboxMessage)
-                .where(
-                    OutboxMessage.id == message_id,
-                    OutboxMessage.status == "pending",
-                    OutboxMessage.next_attempt_at <= now,
-                )
-                .values(
-                    status="sending",
-                    attempts=OutboxMessage.attempts + 1,
-                    next_attempt_at=now + CLAIM_LEASE,
-                )
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                session.rollback()
-                return None
-            session.commit()
-            return session.get(OutboxMessage, message_id)
 
     def _send_one(
         self,
@@ -308,18 +244,8 @@ class Outbox:
                 }
                 report.retried += 1
         else:
-            values = {"status": "sent", "sent_at": _naive_utc(None), "last_error": None}
+            values = {"status": "sent", "sent_at": naive_utc(), "last_error": None}
             report.sent += 1
-        with session_factory() as session:
-            # Only our own claim is updated: if the lease ran out and another worker
-            # reclaimed the row meanwhile, its outcome wins.
-            session.execute(
-                update(OutboxMessage)
-                .where(
-                    OutboxMessage.id == row.id,
-                    OutboxMessage.status == "sending",
-                    OutboxMessage.attempts == row.attempts,
-                )
-                .values(**values)
-            )
-            session.commit()
+        # Only our own claim is updated: if the lease ran out and another worker
+        # reclaimed the row meanwhile, its outcome wins.
+        settle(session_factory, OutboxMessage, row, values)

@@ -8,6 +8,7 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,16 @@ class FatalAuthorizeError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class AccessRefused(Exception):
+    """The access decision refuses this signed-in account this app now (``decision``
+    is an idp.access.decision.Decision with the reasons)."""
+
+    def __init__(self, request: AuthorizationRequest, decision: Any) -> None:
+        super().__init__("access refused")
+        self.request = request
+        self.decision = decision
 
 
 class RedirectAuthorizeError(Exception):
@@ -233,6 +244,7 @@ def decide(
     db: Session,
     authenticated_at: float | None = None,
     now: float | None = None,
+    access: Callable[[AuthorizationRequest, User], None] | None = None,
 ) -> Decision:
     """Decide login / consent / issue; raise the OIDC errors for prompt=none (P1, P2, P3).
 
@@ -255,7 +267,11 @@ def decide(
             raise RedirectAuthorizeError(request, "login_required", "The user is not signed in.")
         return Decision("login")
     assert user is not None
-    if not may_use_app(user, request.client):
+    if access is not None:
+        # The access decision (policy 5.1, 4.2.5) raises AccessRefused, or narrows
+        # request.scope to what may be granted here, before consent is looked at.
+        access(request, user)
+    elif not may_use_app(user, request.client):
         raise RedirectAuthorizeError(request, "access_denied", "This account may not use this app.")
     if "consent" in request.prompt:
         return Decision("consent")

@@ -30,7 +30,7 @@ def allowed_scopes(grant_types: list[str]) -> set[str]:
     return set(SCOPES_SUPPORTED)
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
     if host in {"localhost"}:
         return True
     try:
@@ -46,9 +46,22 @@ def check_redirect_uri(uri: str) -> None:
         raise ClientError(f"redirect URI must not contain a fragment: {uri}")
     if parts.scheme == "https" and parts.netloc:
         return
-    if parts.scheme == "http" and _is_loopback(parts.hostname):
+    if parts.scheme == "http" and is_loopback(parts.hostname):
         return
     raise ClientError(f"redirect URI must be https (or http on loopback): {uri}")
+
+
+def check_backchannel_logout_uri(uri: str) -> None:
+    """OIDC Back-Channel Logout 1.0 §2.2: an absolute URL without a fragment, where logout
+    tokens are POSTed; https (http only on loopback) like every address of an app."""
+    if len(uri) > 2048:
+        raise ClientError("back-channel logout URI is longer than 2048 characters")
+    try:
+        check_redirect_uri(uri)
+    except ClientError:
+        raise ClientError(
+            f"back-channel logout URI must be https (or http on loopback), without a fragment: {uri}"
+        ) from None
 
 
 def create_client(
@@ -63,6 +76,7 @@ def create_client(
     trusted: bool = False,
     client_id: str | None = None,
     backchannel_logout_uri: str | None = None,
+    backchannel_logout_session_required: bool = True,
 ) -> tuple[Client, str | None]:
     """Register a client; returns it and its secret (shown once, stored hashed)."""
     grant_types = grant_types or ["authorization_code", "refresh_token"]
@@ -82,7 +96,7 @@ def create_client(
     for uri in [*redirect_uris, *(post_logout_redirect_uris or [])]:
         check_redirect_uri(uri)
     if backchannel_logout_uri:
-        check_redirect_uri(backchannel_logout_uri)
+        check_backchannel_logout_uri(backchannel_logout_uri)
     client_id = client_id or secrets.token_urlsafe(16)
     if len(client_id) > 64 or not client_id.replace("-", "").replace("_", "").isalnum():
         raise ClientError("client id must be at most 64 letters, digits, '-' or '_'")
@@ -99,7 +113,8 @@ def create_client(
         scopes=list(scopes),
         token_endpoint_auth_method=auth_method,
         trusted=trusted,
-        backchannel_logout_uri=backchannel_logout_uri,
+        backchannel_logout_uri=backchannel_logout_uri or None,
+        backchannel_logout_session_required=bool(backchannel_logout_session_required),
     )
     session.add(client)
     session.flush()
@@ -120,6 +135,7 @@ def update_client(
     allowed_roles: list[str],
     role_map: dict[str, str],
     active: bool = True,
+    backchannel_logout_session_required: bool = True,
 ) -> dict[str, list[object]]:
     """Change a client's registration; returns the changed fields (before, after)."""
     if not name.strip() or len(name) > 255:
@@ -135,12 +151,13 @@ def update_client(
     for uri in [*redirect_uris, *post_logout_redirect_uris]:
         check_redirect_uri(uri)
     if backchannel_logout_uri:
-        check_redirect_uri(backchannel_logout_uri)
+        check_backchannel_logout_uri(backchannel_logout_uri)
     fields = {
         "name": name.strip(),
         "redirect_uris": list(dict.fromkeys(redirect_uris)),
         "post_logout_redirect_uris": list(dict.fromkeys(post_logout_redirect_uris)),
         "backchannel_logout_uri": backchannel_logout_uri or None,
+        "backchannel_logout_session_required": bool(backchannel_logout_session_required),
         "grant_types": list(dict.fromkeys(grant_types)),
         "scopes": list(dict.fromkeys(scopes)),
         "trusted": bool(trusted),

@@ -11,6 +11,7 @@ from joserfc.jwk import KeySet, RSAKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from idp.config import Settings
 from idp.crypto import SecretBox
 from idp.oidc.models import SigningKey
 
@@ -97,3 +98,14 @@ class KeyService:
         if kid is not None and not any(k.kid == kid for k in self._public.keys):
             self._load(force=True)
         return self._public
+
+
+def build_key_service(settings: Settings, session_factory: Any) -> KeyService:
+    """The key service of the web app and of worker jobs, from the settings."""
+    return KeyService(
+        session_factory=session_factory,
+        box=SecretBox(settings.data_key or settings.secret_key, "signing-keys"),
+        # A rotated-out key stays published as long as any token it signed can live.
+        retire_after=max(settings.key_retire_after, settings.id_token_lifetime, settings.access_token_lifetime),
+        cache_seconds=settings.key_cache_seconds,
+    )

@@ -16,9 +16,17 @@ from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from authlib.oidc.rpinitiated import EndSessionEndpoint
+from flask import request as http_request
 from sqlalchemy import select, update
 
-from idp.access.decision import may_use_app
+from idp.access.decision import (
+    REFRESH,
+    TOKEN,
+    Decision,
+    context_for,
+    decide_for,
+    protocol_description,
+)
 from idp.accounts.models import User
 from idp.oidc.models import AccessToken, AuthorizationCode, Client, RefreshToken, token_hash
 from idp.oidc.tokens import GrantContext, InvalidAccessToken, new_family_id
@@ -95,6 +103,9 @@ class _DarbazaGrantMixin:
                 access_token=token["access_token"],
             )
         session.commit()
+        if user is not None:
+            # Back-channel logout: this app is used from the browser session (refreshes the TTL).
+            self.svc.backchannel.remember_app(context.sid, self.request.client.client_id)
         # R14 / R27 race: the code or refresh token behind this family was replayed while
         # these tokens were being minted; that revocation may have run before they
         # existed, so revoke them now.
@@ -102,6 +113,53 @@ class _DarbazaGrantMixin:
             self.server.tokens.revoke_family(session, context.family_id)
             session.commit()
         return token
+
+    def _person_ip(self) -> str | None:
+        """The person's address when the person is seen at the token endpoint: a public
+        app (SPA, mobile) calls it from the person's device; a confidential app from its
+        own server, whose address says nothing about where the person is."""
+        client: Client = self.request.client
+        return (http_request.remote_addr or "") if client.is_public else None
+
+    def _access(self, user: User, *, phase: str, scopes: list[str], amr: list[str]) -> Decision:
+        """The access decision (policy 5.1, 4.2.5) at this token request."""
+        context = context_for(
+            self.svc.settings, phase=phase, now=self.svc.clock(), client=self.request.client,
+            ip=self._person_ip(), scopes=scopes, amr=amr,
+        )
+        return decide_for(self.svc.db.session, user, context)
+
+    def _journal_refusal(self, action: str, user: User, decision: Decision, **details: Any) -> None:
+        self.svc.journal.record(
+            self.svc.db.session,
+            actor=f"client:{self.request.client.client_id}",
+            action=action,
+            subject=f"user:{user.id}",
+            reason="access-denied",
+            ip=http_request.remote_addr,
+            details={"codes": decision.codes, "network": decision.network,
+                     "restrictions": sorted({r.restriction_id for r in decision.denials if r.restriction_id}),
+                     **details},
+        )
+
+    def _require_live_session(self, sid: str | None, *, what: str) -> None:
+        """Tokens live and die with the browser session they were issued in (issue 5;
+        ``idp/sessions/registry.py``): a session that was ended or timed out (idle or
+        absolute, its own limits) refuses the code or refresh token with invalid_grant,
+        and every token of that session is revoked now (the sweep tells its apps)."""
+        if not sid:
+            return
+        state = self.svc.sessions.state(sid)
+        if state == "live":
+            return
+        session = self.svc.db.session
+        self.server.tokens.revoke_session(session, sid)
+        session.commit()
+        why = {
+            "idle": "timed out after a period of inactivity",
+            "absolute": "reached its maximum lifetime",
+        }.get(state, "has ended (signed out, ended on another device or by support)")
+        raise InvalidGrantError(f"The sign-in session of this {what} {why}. Sign in again.")
 
     def _burn_family(
         self, family_id: str, *, client_id: str, user_id: int | None, action: str, reason: str
@@ -169,7 +227,15 @@ class CodeGrant(_DarbazaGrantMixin, grants.AuthorizationCodeGrant):
         user = self.authenticate_user(code)
         if user is None:
             raise InvalidGrantError("The account behind this code cannot sign in.")
+        self._require_live_session(code.sid, what="code")
         self.request.user = user
+        # Restrictions at token issue: the hours, the app, the validity may have changed
+        # since the authorization (the scopes were decided there).
+        access = self._access(user, phase=TOKEN, scopes=code.scope.split(), amr=code.get_amr())
+        if not access.allowed:
+            self._journal_refusal("access:token:refused", user, access)
+            self.svc.db.session.commit()
+            raise InvalidGrantError(protocol_description(access))
         context = GrantContext(
             family_id=code.family_id,
             sid=code.sid,
@@ -199,9 +265,11 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
             return None
         if row.revoked_at is not None or row.is_expired():
             return None
+        self._require_live_session(row.sid, what="refresh token")
         requested = self.request.payload.scope
         if requested and not set(requested.split()) <= set(row.scope.split()):
             raise InvalidScopeError()
+        self._refresh_access(row, requested or row.scope)
         # Rotation with reuse detection (R14, ASVS 10.4.5): claim the token atomically;
         # presenting an already-used token revokes the whole family.
         claimed = session.execute(
@@ -221,11 +289,32 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
             return None
         return row
 
+    def _refresh_access(self, row: RefreshToken, scope: str) -> None:
+        """Every refresh asks the access decision, before the token is claimed. Refused
+        for a time or place (outside the hours, from another network): invalid_grant and
+        the refresh token stays as it was, usable again when allowed. Refused for a
+        lasting reason (the app, the validity, 2FA): its family is revoked too. Allowed:
+        the scopes to grant (school-only ones need the person seen inside)."""
+        self._granted_scope = scope
+        user = self.svc.db.session.get(User, row.user_id) if row.user_id is not None else None
+        if user is None or not user.can_sign_in:
+            return  # authenticate_user refuses it and revokes the family
+        access = self._access(user, phase=REFRESH, scopes=scope.split(), amr=list(row.amr or []))
+        if access.allowed:
+            self._granted_scope = " ".join(access.granted_scopes)
+            return
+        session = self.svc.db.session
+        self._journal_refusal("access:refresh:refused", user, access, token_kept=not access.lasting)
+        if access.lasting:
+            self.server.tokens.revoke_family(session, row.family_id)
+        session.commit()
+        raise InvalidGrantError(protocol_description(access))
+
     def authenticate_user(self, refresh_token: RefreshToken) -> User | None:
         if refresh_token.user_id is None:
             return None
         user = self.svc.db.session.get(User, refresh_token.user_id)
-        if user is None or not user.can_sign_in or not may_use_app(user, self.request.client):
+        if user is None or not user.can_sign_in:
             return None
         return user
 
@@ -237,7 +326,7 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
             self.svc.db.session.commit()
             raise InvalidGrantError("The account behind this token cannot sign in.")
         self.request.user = user
-        scope = self.request.payload.scope or old.scope
+        scope = getattr(self, "_granted_scope", None) or self.request.payload.scope or old.scope
         context = GrantContext(
             family_id=old.family_id,
             sid=old.sid,
@@ -247,6 +336,10 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
             family_expires_at=old.expires_at,
         )
         token = self._issue(user=user, scope=scope, context=context, refresh=True)
+        if old.sid:
+            # A refresh is the person using the session through a portal app (as in
+            # Keycloak): it restarts the session's idle clock, never its absolute one.
+            self.svc.sessions.touch(old.sid)
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
     def revoke_old_credential(self, refresh_token: RefreshToken) -> None:

@@ -25,6 +25,10 @@ from idp.oidc.keys import KeyService
 from idp.oidc.models import AccessToken, Client, RefreshToken, token_hash
 
 SIGNING_ALG = "RS256"
+# OIDC Back-Channel Logout 1.0 §2.4: the one event a logout token carries.
+BACKCHANNEL_LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+# A logout token is delivered at once or re-minted for each retry, so it can be short.
+LOGOUT_TOKEN_LIFETIME = 120
 
 
 class InvalidAccessToken(Exception):
@@ -173,6 +177,27 @@ class TokenService:
             claims["at_hash"] = half_hash(access_token)
         claims.update(user_claims(user, scope, self.settings, client))
         return self._sign({"typ": "JWT"}, claims)
+
+    def logout_token(self, *, client_id: str, subject: str | None, sid: str | None) -> str:
+        """A logout token (OIDC Back-Channel Logout 1.0 §2.4) for one app: ``sub`` and/or
+        ``sid``, the back-channel event, a unique ``jti``, never a ``nonce``. Typed
+        ``logout+jwt`` (§4.1, ASVS 10.5.5) so that it cannot pass for an ID token."""
+        if not subject and not sid:
+            raise ValueError("a logout token needs sub or sid")
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.settings.issuer,
+            "aud": client_id,
+            "iat": now,
+            "exp": now + LOGOUT_TOKEN_LIFETIME,
+            "jti": str(uuid.uuid4()),
+            "events": {BACKCHANNEL_LOGOUT_EVENT: {}},
+        }
+        if subject:
+            claims["sub"] = subject
+        if sid:
+            claims["sid"] = sid
+        return self._sign({"typ": "logout+jwt"}, claims)
 
     # --- verifying -----------------------------------------------------------------
     def decode_signed(self, value: str, *, typ: str | None) -> dict[str, Any]:

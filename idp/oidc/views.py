@@ -23,8 +23,12 @@ from flask_babel import gettext as _
 from flask_wtf import FlaskForm
 from wtforms import HiddenField, SubmitField
 
+from idp.access.decision import AUTHORIZE, context_for, decide_for, protocol_description
 from idp.accounts.models import User
+from idp.audit.web import audit_event
+from idp.login.refusal import refusal_page
 from idp.oidc.authorize import (
+    AccessRefused,
     AuthorizationRequest,
     FatalAuthorizeError,
     FlowStore,
@@ -96,7 +100,9 @@ def provider_metadata() -> dict[str, Any]:
         "display_values_supported": ["page", "popup", "touch"],
         "prompt_values_supported": ["none", "login", "consent", "select_account"],
         "authorization_response_iss_parameter_supported": True,
-        "backchannel_logout_supported": False,
+        # OIDC Back-Channel Logout 1.0 §2.1 (checklist BC1): logout tokens carry the sid.
+        "backchannel_logout_supported": True,
+        "backchannel_logout_session_supported": True,
         "frontchannel_logout_supported": False,
         "access_token_issuer": issuer,
     }
@@ -165,6 +171,70 @@ def _current_user() -> User | None:
     return user if user is not None and user.can_sign_in else None
 
 
+# --- restrictions at the authorization door (policy 5.1, 4.2.5) --------------------------
+def check_access(req: AuthorizationRequest, user: User) -> None:
+    """The access decision for this app, now, from this address: refuse (AccessRefused)
+    or narrow the request to the scopes that may be granted here."""
+    svc = services()
+    context = context_for(
+        svc.settings, phase=AUTHORIZE, now=svc.clock(), client=req.client, ip=request.remote_addr or "",
+        scopes=req.scope.split(), amr=session.get("amr") or [],
+    )
+    access = decide_for(svc.db.session, user, context)
+    if not access.allowed:
+        raise AccessRefused(req, access)
+    # Policy 4.2.5: school-only scopes are not granted from outside; the rest goes on.
+    req.scope = " ".join(access.granted_scopes)
+
+
+def back_to_app(req: AuthorizationRequest, error: str, description: str) -> dict[str, Any]:
+    """The way back to the app with an error, for a page that first tells the person why."""
+    params = [("error", error), ("error_description", " ".join(description.split()))]
+    if req.state is not None:
+        params.append(("state", req.state))
+    params.append(("iss", services().settings.issuer))
+    if req.response_mode == "form_post":
+        return {"method": "post", "action": req.redirect_uri, "params": params, "app": req.client.name}
+    action = _add_params(req.redirect_uri, params, req.response_mode == "fragment")
+    return {"method": "get", "action": action, "params": [], "app": req.client.name}
+
+
+def back_to_app_for_flow(flow_id: str) -> dict[str, Any] | None:
+    """The way back (``access_denied``) to the app whose parked request a refused sign-in
+    belonged to; the request is dropped. None when it expired or is not valid."""
+    parked = flows().load(flow_id)
+    if parked is None:
+        return None
+    flows().drop(flow_id)
+    svc = services()
+    try:
+        req = validate(parked["params"], set(), query_client=oauth_server().query_client, tokens=svc.tokens,
+                       db=svc.db.session)
+    except (FatalAuthorizeError, RedirectAuthorizeError):
+        return None
+    return back_to_app(req, "access_denied", "The account may not sign in now.")
+
+
+def access_refused(exc: AccessRefused, flow_id: str | None) -> Any:
+    """A refused authorization: journaled; the person is told why on a page with the way
+    back to the app, or (prompt=none, no page allowed) the app gets access_denied at once."""
+    if flow_id:
+        flows().drop(flow_id)
+    req, decision = exc.request, exc.decision
+    audit_event(
+        "access:authorize:refused",
+        subject=f"user:{session.get('uid')}",
+        reason="access-denied",
+        details={"client_id": req.client.client_id, "codes": decision.codes, "network": decision.network,
+                 "restrictions": sorted({r.restriction_id for r in decision.denials if r.restriction_id})},
+    )
+    description = protocol_description(decision)
+    if "none" in req.prompt:
+        return error_to_client(RedirectAuthorizeError(req, "access_denied", description))
+    return refusal_page(decision.denials, title=_("You cannot use %(app)s now", app=req.client.name),
+                        back=back_to_app(req, "access_denied", description))
+
+
 def run_authorization(params: dict[str, str], repeated: set[str], flow_id: str | None, started: float | None) -> Any:
     svc = services()
     db = svc.db.session
@@ -189,11 +259,14 @@ def run_authorization(params: dict[str, str], repeated: set[str], flow_id: str |
             authenticated_at=session.get("authenticated_at"),
             flow_started=started,
             db=db,
+            access=check_access,
         )
     except RedirectAuthorizeError as exc:
         if flow_id:
             flows().drop(flow_id)
         return error_to_client(exc)
+    except AccessRefused as exc:
+        return access_refused(exc, flow_id)
     if decision.action == "login":
         flow_id = flow_id or flows().park(params)
         args: dict[str, Any] = {"flow": flow_id}
@@ -219,6 +292,7 @@ def run_authorization(params: dict[str, str], repeated: set[str], flow_id: str |
         sid=session.get("sid"),
         lifetime=svc.settings.code_lifetime,
     )
+    svc.backchannel.remember_app(session.get("sid"), req.client.client_id)
     return respond_to_client(req, [("code", code)])
 
 
@@ -283,9 +357,12 @@ def consent() -> Any:
             authenticated_at=session.get("authenticated_at"),
             flow_started=parked["started"],
             db=db,
+            access=check_access,
         )
     except RedirectAuthorizeError as exc:
         return error_to_client(exc)
+    except AccessRefused as exc:
+        return access_refused(exc, flow_id)
     if decision.action == "login":
         return redirect(url_for("login.login", flow=flow_id), code=303)
     remember_consent(db, user, req.client, req.scope)
@@ -301,6 +378,7 @@ def consent() -> Any:
         sid=session.get("sid"),
         lifetime=svc.settings.code_lifetime,
     )
+    svc.backchannel.remember_app(session.get("sid"), req.client.client_id)
     response = respond_to_client(req, [("code", code)])
     if response.status_code == 302:
         response.status_code = 303

@@ -3,12 +3,17 @@
 The cookie holds 256 random bits; Redis holds the data under the SHA-256 of that
 value, so a Redis dump does not reveal live cookies. The id is rotated at every
 sign-in (ASVS 7.2.4); idle and absolute timeouts are enforced here on every request,
-never by cookie expiry (NIST 800-63B-4 §5.1).
+never by cookie expiry (NIST 800-63B-4 §5.1): each session's own timeouts (set at
+sign-in from the session policy, ``idp/access/decision.py``), else the defaults.
+
+A signed-in session that was ended elsewhere (by the person on another device, by
+support, by a lock, in another server process) must stay ended even when a request of
+that very browser is still running: its write-back is conditional on the session still
+existing in Redis (one Lua script), so an ended session is never brought back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import time
@@ -19,14 +24,44 @@ from flask.sessions import SessionInterface, SessionMixin
 from redis import Redis
 from werkzeug.datastructures import CallbackDict
 
+from idp.sessions.records import (
+    DEADLINES,
+    deadline,
+    deadline_member,
+    index_key,
+    session_key,
+    sid_key,
+    timeouts,
+    ttl_until,
+)
+
 ANONYMOUS_TTL = 3600
 # Writing last-seen on every request would make every page a Redis write; a minute is
 # precise enough for idle timeouts measured in tens of minutes.
 TOUCH_INTERVAL = 60
 
+# Write a signed-in session. KEYS: 1 the key to write, 2 the key it was read from (the
+# same unless the id was rotated), 3 the account's index, 4 sid -> key, 5 the deadlines.
+# ARGV: 1 data, 2 ttl, 3 "1" when the session must still exist (it was read from Redis
+# or created by the sign-in), 4 deadline member, 5 deadline, 6 the index's lifetime.
+# Returns 0 when the session had been ended meanwhile (nothing is written).
+WRITE_SIGNED_IN = """
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if KEYS[2] ~= KEYS[1] then
+  redis.call('DEL', KEYS[2])
+  redis.call('SREM', KEYS[3], KEYS[2])
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SADD', KEYS[3], KEYS[1])
+if redis.call('TTL', KEYS[3]) < tonumber(ARGV[6]) then redis.call('EXPIRE', KEYS[3], ARGV[6]) end
+redis.call('SET', KEYS[4], KEYS[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4])
+return 1
+"""
+
 
 def _key(token: str) -> str:
-    return "sess:" + hashlib.sha256(token.encode()).hexdigest()
+    return session_key(token)
 
 
 class RedisSession(CallbackDict, SessionMixin):  # type: ignore[type-arg]
@@ -42,6 +77,10 @@ class RedisSession(CallbackDict, SessionMixin):  # type: ignore[type-arg]
         self.modified = False
         self.rotate_requested = False
         self.destroyed = False
+        # The signed-in session (sid) this object was read as, or that the sign-in
+        # created in Redis (``adopt``): its write-back requires it to still exist.
+        self.persisted_sid: str | None = (initial or {}).get("sid") if (initial or {}).get("uid") else None
+        self.send_cookie = False
 
     def regenerate(self) -> None:
         """Give this session a new id at the next save; the old id stops working."""
@@ -51,6 +90,18 @@ class RedisSession(CallbackDict, SessionMixin):  # type: ignore[type-arg]
     def destroy(self) -> None:
         self.clear()
         self.destroyed = True
+        self.modified = True
+
+    def adopt(self, token: str, data: dict[str, Any]) -> None:
+        """The sign-in already created this session in Redis under ``token`` (atomically
+        with the concurrent-session limit, ``SessionRegistry.create``); from now on this
+        browser uses it. The previous id was deleted by that same step."""
+        self.clear()
+        self.update(data)
+        self.token = token
+        self.rotate_requested = False
+        self.persisted_sid = data.get("sid")
+        self.send_cookie = True
         self.modified = True
 
 
@@ -64,6 +115,10 @@ class RedisSessionInterface(SessionInterface):
         self.secure = secure
         # The __Host- prefix needs Secure; plain-http localhost gets an unprefixed name.
         self.cookie_name = "__Host-darbaza" if secure else "darbaza"
+        self._write = redis.register_script(WRITE_SIGNED_IN)
+
+    def _deadline(self, data: dict[str, Any], now: float) -> tuple[float, str]:
+        return deadline(data, idle_default=self.idle_timeout, absolute_default=self.absolute_timeout, now=now)
 
     def open_session(self, app: Flask, request: Request) -> RedisSession:
         token = request.cookies.get(self.cookie_name)
@@ -75,9 +130,11 @@ class RedisSessionInterface(SessionInterface):
         data = json.loads(raw)
         now = time.time()
         if data.get("uid") is not None:
-            created = data.get("auth_time", now)
-            last_seen = data.get("last_seen", now)
-            if now - created > self.absolute_timeout or now - last_seen > self.idle_timeout:
+            ends, _kind = self._deadline(data, now)
+            if now >= ends:
+                # Timed out: gone for this browser at once. Its tokens and back-channel
+                # logout are the sweep's (``SessionRegistry.sweep_expired``), which finds it
+                # in the deadlines set.
                 self.redis.delete(_key(token))
                 self._unindex(data, _key(token))
                 return RedisSession()
@@ -88,15 +145,16 @@ class RedisSessionInterface(SessionInterface):
 
     def _unindex(self, data: dict[str, Any], key: str) -> None:
         if data.get("uid") is not None:
-            self.redis.srem(f"usess:{data['uid']}", key)
+            self.redis.srem(index_key(data["uid"]), key)
         if data.get("sid"):
-            self.redis.delete(f"sid:{data['sid']}")
+            self.redis.delete(sid_key(data["sid"]))
 
     def _ttl(self, session: RedisSession) -> int:
         if session.get("uid") is None:
             return ANONYMOUS_TTL
-        remaining = int(session.get("auth_time", time.time()) + self.absolute_timeout - time.time())
-        return max(1, min(self.idle_timeout, remaining))
+        now = time.time()
+        ends, _kind = self._deadline(dict(session), now)
+        return ttl_until(ends, now)
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         assert isinstance(session, RedisSession)
@@ -119,18 +177,33 @@ class RedisSessionInterface(SessionInterface):
             return
         if not dict(session) and session.new:
             return
-        pipe = self.redis.pipeline()
-        if session.rotate_requested and session.token:
-            pipe.delete(_key(session.token))
-            session.token = None
-        if session.token is None:
+        old_token = session.token
+        if session.rotate_requested or session.token is None:
             session.token = secrets.token_urlsafe(32)
-            response.set_cookie(self.cookie_name, session.token, **cookie_kwargs)
+            session.send_cookie = True
         key = _key(session.token)
-        ttl = self._ttl(session)
-        pipe.set(key, json.dumps(dict(session)), ex=ttl)
-        if session.get("uid") is not None:
-            pipe.sadd(f"usess:{session['uid']}", key)
-            if session.get("sid"):
-                pipe.set(f"sid:{session['sid']}", key, ex=ttl)
-        pipe.execute()
+        old_key = _key(old_token) if old_token else key
+        if session.get("uid") is not None and session.get("sid"):
+            self._save_signed_in(session, key, old_key)
+        else:
+            pipe = self.redis.pipeline()
+            if old_key != key:
+                pipe.delete(old_key)
+            pipe.set(key, json.dumps(dict(session)), ex=ANONYMOUS_TTL if session.get("uid") is None else self._ttl(session))
+            pipe.execute()
+        if session.send_cookie:
+            response.set_cookie(self.cookie_name, session.token, **cookie_kwargs)
+
+    def _save_signed_in(self, session: RedisSession, key: str, old_key: str) -> None:
+        data = dict(session)
+        now = time.time()
+        ends, _kind = self._deadline(data, now)
+        _idle, absolute = timeouts(data, idle_default=self.idle_timeout, absolute_default=self.absolute_timeout)
+        # A session read from Redis (or made by the sign-in) must still be there: if it
+        # was ended meanwhile, this write does nothing and the browser is signed out.
+        must_exist = session.persisted_sid is not None and session.persisted_sid == data["sid"]
+        self._write(
+            keys=[key, old_key, index_key(data["uid"]), sid_key(data["sid"]), DEADLINES],
+            args=[json.dumps(data), ttl_until(ends, now), "1" if must_exist else "0",
+                  deadline_member(data["uid"], data["sid"]), ends, absolute],
+        )

@@ -3,6 +3,7 @@ the secret, switch off and on; the app_roles claim and allowed roles end to end.
 
 from __future__ import annotations
 
+import html
 import re
 import secrets
 
@@ -217,6 +218,8 @@ def test_edit_saves_changes_and_journals_the_changed_fields(server, admin, make_
             "name": "Renamed app",
             "redirect_uris": "https://rp.example.test/cb\nhttps://rp.example.test/cb2",
             "post_logout_redirect_uris": "https://rp.example.test/bye",
+            # Ticked on the page (the default), as a browser sends it back.
+            "backchannel_logout_session_required": "y",
             "scopes": ["openid", "profile", "email"],
             "grant_types": ["authorization_code", "refresh_token"],
             "allowed_roles": ["teacher"],
@@ -361,8 +364,12 @@ def test_app_limited_to_teachers_refuses_a_student(server, admin, make_user):
     client = ClientInfo(client_id, secret, "https://journal.example.test/cb", "https://journal.example.test/bye")
 
     student = make_user(roles=("student",))
-    params, _verifier, _ = Browser(server.url).authorize(client, student)
-    assert params.get("error") == "access_denied"
+    params, _verifier, page = Browser(server.url).authorize(client, student)
+    # The student is told why (the access decision, idp/access/decision.py), and the way
+    # back takes the app an access_denied error.
+    assert page.status_code == 403 and 'data-code="app-roles"' in page.text
+    back = re.search(r'<a href="([^"]+)" id="back-to-app"', page.text)
+    assert back and "error=access_denied" in html.unescape(back.group(1))
     assert "code" not in params
 
     teacher = make_user(roles=("teacher",))
