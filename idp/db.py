@@ -17,7 +17,12 @@ class Base(DeclarativeBase):
 def make_engine(url: str, pool_size: int = 10) -> Engine:
     """Create an engine; SQLite gets WAL and a busy timeout so several processes can share it."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        # A threaded server takes one connection per request in flight; SQLite connections
+        # are cheap, so the pool is as wide as for a server database.
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False},
+            pool_size=pool_size, max_overflow=2 * pool_size,
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
