@@ -16,6 +16,7 @@ from idp.accounts.models import (
     user_roles,
 )
 from idp.audit.models import AuditEvent, AuditHead
+from idp.breach.models import BreachCase, BreachCaseStep
 from idp.db import Base
 from idp.notify.models import OutboxMessage
 from idp.oidc.models import (
@@ -27,8 +28,12 @@ from idp.oidc.models import (
     RefreshToken,
     SigningKey,
 )
+from idp.workdays.models import CalendarDay
 
 __all__ = [
+    "BreachCase",
+    "BreachCaseStep",
+    "CalendarDay",
     "BackchannelLogoutDelivery",
     "Restriction",
     "SharingFlag",

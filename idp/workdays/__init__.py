@@ -1,0 +1,1 @@
+"""The school's working calendar: working days, support hours and deadlines."""
