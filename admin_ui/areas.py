@@ -10,3 +10,5 @@ from admin_ui import restrictions  # noqa: F401
 from admin_ui import classes  # noqa: F401
 from admin_ui import audit  # noqa: F401
 from admin_ui import sharing  # noqa: F401
+from admin_ui import breach  # noqa: F401
+from admin_ui import workdays  # noqa: F401

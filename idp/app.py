@@ -99,11 +99,18 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["darbaza_oauth"] = build_server(app, svc)
     app.register_blueprint(login_bp)
     app.register_blueprint(oidc_bp)
+    from idp.breach.views import bp as breach_bp
+
+    app.register_blueprint(breach_bp)
     import admin_ui
     from idp.oidc import cors
 
     admin_ui.init_app(app)
     cors.init_app(app)
+    from idp.breach.metrics import bp as metrics_bp
+
+    # /metrics for Prometheus (loopback or the metrics bearer token).
+    app.register_blueprint(metrics_bp)
     from idp.oidc import views as oidc_views
 
     # Protocol endpoints authenticate the client (or are the RP's own front-channel
@@ -216,7 +223,7 @@ def _register_errors(app: Flask) -> None:
     def _throttled(e: Throttled) -> Any:
         # The same answer whichever limit was hit and whether the login exists.
         wait = format_timedelta(timedelta(seconds=e.retry_after), threshold=1.5, add_direction=False)
-        if e.purpose.startswith(("password-reset", "email-link")):
+        if e.purpose.startswith(("password-reset", "email-link", "breach-report")):
             # Mail links (idp/login/password_reset.py, email_change.py): not a failed sign-in.
             message = _("Too many requests. Try again in %(wait)s.", wait=wait)
         else:

@@ -7,7 +7,9 @@ import logging
 import os
 import secrets
 import sys
+from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from flask import Flask
@@ -375,6 +377,116 @@ def access_explain(login: str, client_id: str | None, at: str | None, ip: str | 
         limit = f", at most {policy.max_sessions} sessions ({policy.at_session_limit})" if policy.max_sessions else ""
         click.echo(f"  session: idle {policy.idle_timeout}s, lifetime {policy.absolute_timeout}s{limit}")
     sys.exit(0 if decision.allowed else 1)
+
+
+# --- workdays ----------------------------------------------------------------------
+@main.group()
+def workdays() -> None:
+    """The working calendar: support deadlines, school days off and working days."""
+
+
+def _bad_input(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _parse_day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        _bad_input(f"{text!r} is not a date such as 2026-05-11")
+
+
+@workdays.command("deadline")
+@click.argument("timestamp")
+@with_appcontext
+def workdays_deadline(timestamp: str) -> None:
+    """Support's deadline for a breach reported at TIMESTAMP (ISO 8601, any offset; without
+    one, Asia/Bishkek), from the calendar in the database. The last line is the deadline,
+    ISO 8601 in Asia/Bishkek."""
+    from idp.workdays.calendar import SCHOOL_TZ, CalendarError, load_calendar
+
+    try:
+        moment = datetime.fromisoformat(timestamp.strip())
+    except ValueError:
+        _bad_input(f"{timestamp!r} is not an ISO 8601 time such as 2026-11-20T17:30:00+06:00")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=SCHOOL_TZ)
+    svc = services()
+    calendar = load_calendar(svc.db.session, svc.settings)
+    try:
+        deadline = calendar.deadline(moment)
+    except (CalendarError, OverflowError):
+        _bad_input(f"no deadline can be computed for {timestamp!r}")
+    click.echo(f"reported: {moment.astimezone(SCHOOL_TZ).isoformat()} (Asia/Bishkek)")
+    click.echo(f"support hours: {calendar.opens:%H:%M}-{calendar.closes:%H:%M} on working days")
+    click.echo(deadline.isoformat())
+
+
+@workdays.command("list")
+@click.option("--days", default=365, type=click.IntRange(1, 3660), help="How far ahead to list public holidays.")
+@with_appcontext
+def workdays_list(days: int) -> None:
+    """The school's days off and declared working days, and the coming public holidays."""
+    from idp.workdays.calendar import SCHOOL_TZ, KyrgyzHolidays
+    from idp.workdays.models import CalendarDay
+
+    svc = services()
+    rows = list(svc.db.session.scalars(select(CalendarDay).order_by(CalendarDay.day)))
+    click.echo("school overrides:" if rows else "school overrides: none")
+    for row in rows:
+        click.echo(f"  {row.day.isoformat()} {row.kind:8} {row.note}")
+    today = datetime.now(SCHOOL_TZ).date()
+    click.echo(f"public holidays (KG) to {(today + timedelta(days=days)).isoformat()}:")
+    for day, name in KyrgyzHolidays().between(today, today + timedelta(days=days)):
+        click.echo(f"  {day.isoformat()} {name}")
+
+
+def _change_day(day_text: str, kind: str | None, note: str) -> None:
+    from idp.workdays.service import OverrideError, Who, remove_override, set_override
+
+    day = _parse_day(day_text)
+    svc = services()
+    who = Who(actor=_cli_actor())
+    try:
+        with svc.db.transaction() as session:
+            if kind is None:
+                found, changed = remove_override(session, svc.journal, svc.settings, day=day, note=note, who=who)
+                if not found:
+                    _bad_input(f"{day.isoformat()} has no override")
+            else:
+                _, changed = set_override(session, svc.journal, svc.settings, day=day, kind=kind, note=note, who=who)
+    except OverrideError as exc:
+        _bad_input(str(exc))
+    what = {"off": "a day off", "working": "a working day", None: "no longer overridden"}[kind]
+    click.echo(f"{day.isoformat()} is {what}; {changed} open case deadline(s) recomputed")
+
+
+@workdays.command("add-day-off")
+@click.argument("day")
+@click.option("--note", default="", help="Why (kept with the day and in the audit journal).")
+@with_appcontext
+def workdays_add_day_off(day: str, note: str) -> None:
+    """Make DAY (YYYY-MM-DD) a school day off."""
+    _change_day(day, "off", note)
+
+
+@workdays.command("add-working-day")
+@click.argument("day")
+@click.option("--note", default="", help="Why (kept with the day and in the audit journal).")
+@with_appcontext
+def workdays_add_working_day(day: str, note: str) -> None:
+    """Declare DAY (YYYY-MM-DD) a working day (e.g. a Saturday worked for a moved day off)."""
+    _change_day(day, "working", note)
+
+
+@workdays.command("remove")
+@click.argument("day")
+@click.option("--note", default="", help="Why (kept in the audit journal).")
+@with_appcontext
+def workdays_remove(day: str, note: str) -> None:
+    """Remove the override of DAY (YYYY-MM-DD)."""
+    _change_day(day, None, note)
 
 
 # --- mail and the worker -------------------------------------------------------------

@@ -126,6 +126,20 @@ class Settings:
     # ... and more distinct devices than this signing in within the window (seconds).
     sharing_max_devices: int = 4
     sharing_device_window_seconds: int = 86400
+    # Breach cases (issue 6): the security officer's address for escalations (a case at
+    # 75% of its time, and overdue); empty: every account with the security_officer role
+    # that has an e-mail address.
+    security_officer_email: str = ""
+    # Tech support's address: told of every breach report the moment it is filed (with
+    # the case number, category, deadline and what containment did); empty: no mail.
+    support_email: str = "support@school.example"
+    # /metrics (Prometheus) answers loopback clients, and others that send
+    # "Authorization: Bearer <this token>"; empty: loopback only.
+    metrics_token: str = ""
+    # Support hours on working days ("HH:MM", Asia/Bishkek), for the breach-case deadline
+    # of one working day (policy 5.2.3; idp/workdays/calendar.py).
+    support_opens: str = "09:00"
+    support_closes: str = "18:00"
     # Extra options that only tests set.
     testing: bool = False
 
@@ -149,6 +163,7 @@ class Settings:
         settings = cls(**values)
         settings.issuer = settings.issuer.rstrip("/")
         settings._check_networks()
+        settings._check_support_hours()
         if settings.issuer.startswith("http://127.0.0.1") or settings.issuer.startswith(
             "http://localhost"
         ):
@@ -173,6 +188,16 @@ class Settings:
         for name in ("shared_network_idle_seconds", "shared_network_absolute_seconds"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"IDP_{name.upper()} must be a positive number of seconds")
+
+    def _check_support_hours(self) -> None:
+        from datetime import time
+
+        try:
+            opens, closes = time.fromisoformat(self.support_opens), time.fromisoformat(self.support_closes)
+        except ValueError as exc:
+            raise SettingsError("IDP_SUPPORT_OPENS and IDP_SUPPORT_CLOSES must be times such as 09:00") from exc
+        if opens.tzinfo is not None or closes.tzinfo is not None or opens >= closes:
+            raise SettingsError("IDP_SUPPORT_OPENS must be a local time before IDP_SUPPORT_CLOSES on the same day")
 
     @property
     def is_https(self) -> bool:

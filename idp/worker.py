@@ -55,6 +55,21 @@ def schedule_session_sweep(redis: Redis, queue: Queue, interval: float = SWEEP_I
     return True
 
 
+# Breach cases at 75% of their support time or overdue are escalated to the security
+# officer (idp/breach/jobs.py) by a pass once a minute; one worker queues it per minute.
+ESCALATE_CASES_JOB = "idp.breach.jobs.escalate_breach_cases"
+ESCALATE_SCHEDULE_KEY = "darbaza:worker:breach-escalation-scheduled"
+ESCALATE_INTERVAL = 60
+
+
+def schedule_case_escalation(redis: Redis, queue: Queue, interval: float = ESCALATE_INTERVAL) -> bool:
+    """Queue the breach-case escalation pass unless a worker already did this minute."""
+    if not redis.set(ESCALATE_SCHEDULE_KEY, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
+        return False
+    queue.enqueue(ESCALATE_CASES_JOB, job_timeout=300, result_ttl=60, failure_ttl=7 * 86400)
+    return True
+
+
 class DeliveryScheduler(threading.Thread):
     """Calls ``schedule_deliveries`` every ``interval`` seconds until ``stop``."""
 
@@ -70,6 +85,7 @@ class DeliveryScheduler(threading.Thread):
             try:
                 schedule_deliveries(self.redis, self.queue, self.interval)
                 schedule_session_sweep(self.redis, self.queue)
+                schedule_case_escalation(self.redis, self.queue)
             except RedisError as exc:
                 # Redis will come back; the database keeps every message and logout token.
                 log.warning("could not schedule deliveries: %s", exc)
@@ -91,6 +107,7 @@ def run_worker(redis_url: str, poll_seconds: float, burst: bool = False) -> None
     if burst:
         schedule_deliveries(redis, queue, poll_seconds)
         schedule_session_sweep(redis, queue)
+        schedule_case_escalation(redis, queue)
     else:
         scheduler.start()
     try:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from idp.access.permissions import SEEDED_ROLE_PERMISSIONS
+from idp.access.permissions import LATER_SEEDED_PERMISSIONS, SEEDED_ROLE_PERMISSIONS
 from idp.accounts.models import SEEDED_ROLES, SEEDED_ROLES_REQUIRING_2FA, Role, RolePermission, User
 from idp.accounts.obligations import ensure_default_obligations
 from idp.accounts.passwords import PasswordHashing
@@ -35,9 +35,30 @@ def ensure_roles(session: Session) -> dict[str, Role]:
             session.add(role)
             existing[name] = role
     session.flush()
+    grant_later_permissions(session, existing)
     # Policy 2.5: the employee roles start with version 1 of the confidentiality obligation.
     ensure_default_obligations(session)
     return existing
+
+
+def grant_later_permissions(session: Session, roles: dict[str, Role]) -> list[tuple[str, str]]:
+    """Give the seeded roles a permission introduced after they were seeded
+    (``LATER_SEEDED_PERMISSIONS``), once: only while no role holds it yet, so a grant the
+    security officer later took away is not given back. Returns the (role, permission)
+    pairs granted."""
+    granted: list[tuple[str, str]] = []
+    for permission, role_names in sorted(LATER_SEEDED_PERMISSIONS.items()):
+        if session.scalar(select(RolePermission.role_id).where(RolePermission.permission == permission)
+                          .limit(1)) is not None:
+            continue
+        for name in sorted(role_names):
+            role = roles.get(name)
+            if role is not None and role.builtin:
+                role.grants.append(RolePermission(permission=permission))
+                granted.append((name, permission))
+    if granted:
+        session.flush()
+    return granted
 
 
 def create_user(

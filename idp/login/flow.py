@@ -89,6 +89,32 @@ def complete_sign_in(user: User, amr: list[str]) -> None:
     login_user(user)
     db.commit()
     _check_sharing(user, sid)
+    _notice_new_device(user, data)
+
+
+def _notice_new_device(user: User, data: dict[str, Any]) -> None:
+    """Issue 6 ("This wasn't me"): a sign-in from a device the account has not used
+    before mails the person a notice with a link to report it (idp/breach/new_device.py).
+    A failure there must not undo the sign-in; it is logged."""
+    from datetime import UTC, datetime
+
+    from flask import url_for
+
+    from idp.breach.new_device import check_new_device
+
+    svc = services()
+    db = svc.db.session
+    try:
+        check_new_device(
+            db, svc.redis, svc.outbox, user, device=data.get("device"), ip=data.get("ip"),
+            network=data.get("network"), sid=str(data["sid"]),
+            signed_in_at=datetime.fromtimestamp(float(data["authenticated_at"]), UTC),
+            report_url=lambda token: svc.settings.issuer + url_for("breach.not_me", token=token),
+        )
+        db.commit()
+    except Exception:
+        log.exception("new-device notice failed for user %s", user.id)
+        db.rollback()
 
 
 def _check_sharing(user: User, sid: str) -> None:

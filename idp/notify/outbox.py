@@ -43,6 +43,16 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "email_verify": ("display_name", "login", "verify_url", "expires_hours"),
     "email_change_notice": ("display_name", "new_email", "changed_at"),
     "new_device_notice": ("display_name", "device", "ip", "signed_in_at", "report_url"),
+    # Breach reports (idp/breach/service.py): the reporter's confirmation, tech support's
+    # notice of a new case, and the reporter's notice that the case is resolved. Optional
+    # flags: ``locked`` and (support) ``account_found``, ``late``; ``outcome`` (resolved).
+    "breach_report_received": ("display_name", "case_number", "reported_at", "deadline"),
+    "breach_case_new": ("case_number", "login", "door", "category", "reported_at", "noticed_at", "deadline",
+                        "contact", "sessions_ended"),
+    "breach_case_resolved": ("display_name", "case_number", "resolved_at"),
+    # To the security officer (idp/breach/jobs.py): a case at 75% of its time, or overdue.
+    "breach_escalation_75": ("case_number", "account", "reported_at", "deadline_at", "hours_left", "case_url"),
+    "breach_escalation_overdue": ("case_number", "account", "reported_at", "deadline_at", "case_url"),
 }
 LOCALES = ("ky", "ru", "en")
 
