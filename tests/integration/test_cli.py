@@ -10,6 +10,7 @@ import requests
 from click.testing import CliRunner
 
 from idp.cli import main
+from tests.helpers import Browser
 
 
 def run(server, *args: str, input: str | None = None):  # type: ignore[no-untyped-def]
@@ -111,3 +112,11 @@ def test_demo_seed_prints_logins_every_time(server, tmp_path):
     assert first.exit_code == 0 and second.exit_code == 0
     assert "admin" in first.output
     assert first.output == second.output
+    # Pupils sign in with the printed password at once; staff start with required actions.
+    passwords = {line.split()[0]: line.split()[1]
+                 for line in (tmp_path / "demo-logins.txt").read_text(encoding="utf-8").splitlines() if line.strip()}
+    response = Browser(server.url).sign_in("aibek.student", passwords["aibek.student"])
+    assert response.status_code == 303 and response.headers["Location"] == "/"
+    response = Browser(server.url).sign_in("nurgul.teacher", passwords["nurgul.teacher"])
+    assert response.status_code == 303 and response.headers["Location"].endswith("/password/change-required")
+
