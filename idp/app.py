@@ -102,6 +102,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     from idp.breach.views import bp as breach_bp
 
     app.register_blueprint(breach_bp)
+    from idp.teacher.views import bp as teacher_bp
+
+    app.register_blueprint(teacher_bp)
     import admin_ui
     from idp.oidc import cors
 

@@ -106,6 +106,78 @@ def users_create(
         click.echo(f"password: {password}")
 
 
+# --- roster ------------------------------------------------------------------------
+@main.group()
+def roster() -> None:
+    """CSV roster import (format: README, "Roster import")."""
+
+
+def _write_codes(path: str, lines: list[str]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write("".join(line + "\n" for line in lines))
+
+
+@roster.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Only report what would be created and updated, and the bad lines.")
+@click.option("--codes-out", type=click.Path(dir_okay=False), default=None,
+              help="Write the activation codes of new accounts to this file (mode 0600) instead of printing them.")
+@with_appcontext
+def roster_import(file: str, dry_run: bool, codes_out: str | None) -> None:
+    """Import accounts from a roster CSV file. Exit status: 0 done, 1 bad lines (nothing
+    changed), 2 the file cannot be read."""
+    from connectors.roster.applier import ROSTER_ACTOR, RosterRejected, apply
+    from connectors.roster.parser import RosterFileError, parse
+    from connectors.roster.planner import plan
+    from idp.access.permissions import PERMISSIONS
+    from idp.accounts.admin import AccountAdmin, Actor
+
+    try:
+        parsed = parse(Path(file).read_bytes())
+    except (OSError, RosterFileError) as exc:
+        click.echo(f"cannot read {file}: {exc}", err=True)
+        sys.exit(2)
+    svc = services()
+
+    def report_errors(errors: list) -> None:  # type: ignore[type-arg]
+        for error in errors:
+            click.echo(f"line {error.line}: {error.reason}", err=True)
+
+    if dry_run:
+        with svc.db.transaction() as session:
+            planned = plan(session, parsed)
+            for row in planned.create:
+                click.echo(f"create {row.login}")
+            for item in planned.update:
+                click.echo(f"update {item.row.login}: " + ", ".join(sorted(item.changes)))
+            for name in planned.new_classes:
+                click.echo(f"create class {name}")
+            session.rollback()
+        click.echo(f"would create {len(planned.create)}, update {len(planned.update)}, disable 0, "
+                   f"unchanged {planned.unchanged}, bad lines {len(planned.errors)}")
+        report_errors(planned.errors)
+        sys.exit(1 if planned.errors else 0)
+    actor = Actor(ref=ROSTER_ACTOR, permissions=set(PERMISSIONS))
+    try:
+        with svc.db.transaction() as session:
+            admin = AccountAdmin(db=session, journal=svc.journal, passwords=svc.passwords, sessions=svc.sessions)
+            result = apply(admin, actor, parsed)
+    except RosterRejected as exc:
+        report_errors(exc.errors)
+        click.echo("nothing was changed", err=True)
+        sys.exit(1)
+    click.echo(f"created {result.created}, updated {result.updated}, disabled 0, unchanged {result.unchanged}")
+    lines = [f"{c.login}\t{c.code}\t{c.expires_at:%Y-%m-%d %H:%M} UTC" for c in result.codes]
+    if codes_out:
+        _write_codes(codes_out, lines)
+        click.echo(f"{len(lines)} activation code(s) written to {codes_out}")
+    else:
+        for line in lines:
+            click.echo(line)
+
+
 # --- clients -----------------------------------------------------------------------
 @main.group()
 def clients() -> None:
