@@ -126,6 +126,9 @@ def make_settings(database_url: str, redis_url: str, issuer: str, **overrides: o
         "testing": True,
         # Key rotation by another process (the CLI) is seen within a second.
         "key_cache_seconds": 1,
+        # The test server is werkzeug's threaded one (a thread per request, parallel tests
+        # fire 20 sign-ins at once): a wider pool than a gunicorn worker needs.
+        "database_pool_size": 20,
         # Every test signs in from 127.0.0.1: the shared server must not throttle by IP
         # (tests/integration/test_login_throttle.py checks the limits on its own server).
         "login_ip_free_failures": 1_000_000,
