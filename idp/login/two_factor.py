@@ -51,20 +51,13 @@ class SecondFactorForm(FlaskForm):
     )
 
 
-class FirstCodeForm(FlaskForm):
-    code = StringField(
-        validators=[
-            InputRequired(message=_l("Enter the six-digit code from the app.")),
-            Length(max=64, message=_l("At most 64 characters.")),
-        ]
-    )
-
-
 class ContinueForm(FlaskForm):
     pass
 
 
 class EnrolForm(FlaskForm):
+    """The first code of a new authenticator app (account page and sign-in chain)."""
+
     code = StringField(
         validators=[
             InputRequired(message=_l("Enter the six-digit code from the app.")),
@@ -156,7 +149,7 @@ def enrol_second_factor() -> Any:
     if found is None:
         return pending.resume()
     _state, user = found
-    form = FirstCodeForm()
+    form = EnrolForm()
     if request.method == "GET":
         return _render_enrolment(user, form, template="login_enrol_2fa.html")
     if not form.validate_on_submit():
