@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint translations extract-messages install clean
+.PHONY: run test bench lint translations extract-messages install clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,16 +24,21 @@ translations: $(STAMP)
 	$(VENV)/bin/pybabel -q compile -d idp/translations -f
 
 run: install
-	scripts/system-deps.sh redis-server
+	scripts/system-deps.sh redis-server fonts-dejavu-core
 	scripts/run.sh
 
 test: install
-	scripts/system-deps.sh redis-server chromium postgresql
+	scripts/system-deps.sh redis-server chromium postgresql slapd fonts-dejavu-core
 	scripts/test.sh
 
+# Benchmarks (not tests): bench/README.md. Prints figures and writes var/bench/*.json.
+bench: install
+	scripts/system-deps.sh redis-server slapd postgresql
+	$(PY) -m bench
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check idp admin_ui connectors examples tests
-	$(VENV)/bin/mypy idp admin_ui examples
+	$(VENV)/bin/ruff check idp admin_ui connectors examples tests bench
+	$(VENV)/bin/mypy idp admin_ui connectors examples bench
 
 extract-messages: $(STAMP)
 	$(VENV)/bin/pybabel -q extract -F babel.cfg -k _l -o idp/translations/messages.pot --no-location --sort-output idp admin_ui examples

@@ -140,6 +140,34 @@ class Settings:
     # of one working day (policy 5.2.3; idp/workdays/calendar.py).
     support_opens: str = "09:00"
     support_closes: str = "18:00"
+    # School directory (LDAP, connectors/ldap/; README "School directory"). Empty
+    # ldap_urls: no directory. Several URLs are tried in order (failover).
+    ldap_urls: list = dataclasses.field(default_factory=list)
+    # "openldap" (inetOrgPerson, groupOfNames, entryUUID, modifyTimestamp) or "ad"
+    # (sAMAccountName, userAccountControl, memberOf, objectGUID, uSNChanged): the
+    # defaults of every setting below that is left empty.
+    ldap_profile: str = "openldap"
+    # "none" (ldap://, only on loopback or a trusted network), "ldaps" or "starttls".
+    ldap_security: str = "none"
+    ldap_ca_file: str = ""
+    ldap_bind_dn: str = ""
+    ldap_bind_password: str = ""
+    # Where people and groups live (comma-separated DNs are not possible: use ";").
+    ldap_user_base: str = ""
+    ldap_group_base: str = ""
+    # Extra filter ANDed with the profile's person filter, e.g. "(ou:dn:=pupils)".
+    ldap_user_filter: str = ""
+    # JSON: Darbaza field -> directory attribute (login, display_name, email, locale,
+    # external_id, disabled), over the profile's defaults.
+    ldap_attributes: dict = dataclasses.field(default_factory=dict)
+    # JSON: group DN (or its cn) -> role name / class name.
+    ldap_group_roles: dict = dataclasses.field(default_factory=dict)
+    ldap_group_classes: dict = dataclasses.field(default_factory=dict)
+    ldap_page_size: int = 500
+    ldap_timeout_seconds: int = 5
+    # The worker's schedule (seconds, 0: never): incremental and full syncs.
+    ldap_sync_interval_seconds: int = 900
+    ldap_full_sync_interval_seconds: int = 86400
     # Extra options that only tests set.
     testing: bool = False
 

@@ -3,6 +3,7 @@
 from idp.access.models import Restriction, SharingFlag
 from idp.accounts.models import (
     ActivationCode,
+    GuardianLinkCode,
     Obligation,
     ObligationAcceptance,
     Passkey,
@@ -16,6 +17,7 @@ from idp.accounts.models import (
     user_roles,
 )
 from idp.audit.models import AuditEvent, AuditHead
+from connectors.ldap.models import DirectorySyncRun
 from idp.breach.models import BreachCase, BreachCaseStep
 from idp.db import Base
 from idp.notify.models import OutboxMessage
@@ -31,6 +33,8 @@ from idp.oidc.models import (
 from idp.workdays.models import CalendarDay
 
 __all__ = [
+    "DirectorySyncRun",
+    "GuardianLinkCode",
     "BreachCase",
     "BreachCaseStep",
     "CalendarDay",

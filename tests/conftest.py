@@ -31,6 +31,7 @@ from idp.migrate import upgrade
 from idp.oidc.clients import create_client
 from idp.services import Services
 from tests.helpers import SECOND_FACTORS, Browser, ClientInfo, UserInfo
+from tests.ldap_server import Slapd
 
 
 def free_port() -> int:
@@ -63,6 +64,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def slapd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    """A real OpenLDAP slapd on a free loopback port (tests/ldap_server.py), one per test
+    process. Tests that change its entries call ``wipe_people_and_groups()`` first."""
+    server = Slapd(tmp_path_factory.mktemp("slapd"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

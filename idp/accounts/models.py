@@ -145,6 +145,18 @@ class User(UserMixin, Base):
     totp_failures: Mapped[int] = mapped_column(Integer, default=0)
     totp_disabled_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
+    # Where the account comes from: "local" (created here), "roster" (a CSV roster import
+    # manages it) or "directory" (an LDAP directory manages it; the password is checked by
+    # binding to the directory, there is no local hash). ``external_id`` is the directory's
+    # stable id (entryUUID / objectGUID), ``directory_dn`` the entry's last known DN.
+    # ``source_disabled_at``: when the roster or the directory disabled it (an account
+    # disabled by its source comes back when the source lists it again; one disabled by
+    # an administrator does not).
+    source: Mapped[str] = mapped_column(String(16), default="local", server_default="local")
+    external_id: Mapped[str | None] = mapped_column(String(128), nullable=True, unique=True)
+    directory_dn: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    source_disabled_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
     roles: Mapped[list[Role]] = relationship(secondary=user_roles, lazy="selectin")
     passkeys: Mapped[list[Passkey]] = relationship(
         lazy="selectin", cascade="all, delete-orphan", passive_deletes=True, order_by="Passkey.id"
@@ -233,6 +245,24 @@ class ActivationCode(Base):
 @event.listens_for(User, "before_update")
 def _fold_search_name(_mapper: object, _connection: object, user: User) -> None:
     user.search_name = (user.display_name or "").casefold()[:255]
+
+
+class GuardianLinkCode(Base):
+    """A one-time code that lets a parent link a child to their account (printed or sent
+    by the school). Only the SHA-256 of the code is kept (about 60 random bits, rate
+    limited); a new code for the same child replaces the unused ones."""
+
+    __tablename__ = "guardian_link_codes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    child_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    used_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_by: Mapped[str] = mapped_column(String(128))
 
 
 class RecoveryCode(Base):
