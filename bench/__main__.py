@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ["directory_sync"]
+BENCHMARKS = ["directory_sync", "load"]
 
 
 def machine() -> dict[str, object]:
