@@ -32,8 +32,8 @@ from admin_ui.csv_export import BOM, safe_cell
 from admin_ui.guard import can, current_actor, requires
 from admin_ui.nav import add_nav
 from idp.access.permissions import PERMISSIONS
-from idp.accounts import obligations
-from idp.accounts.admin import MAX_REASON, AccountAdmin, Actor, PermissionDenied
+from idp.accounts import guardian_codes, obligations
+from idp.accounts.admin import DIRECTORY_SOURCE, MAX_REASON, AccountAdmin, Actor, PermissionDenied
 from idp.accounts.models import Role, User
 from idp.accounts.service import LOGIN_PATTERN, AccountError, normalise_login
 from idp.audit.models import AuditEvent
@@ -41,6 +41,7 @@ from idp.audit.web import audit_event
 from idp.i18n import LANGUAGES
 from idp.login.sessions import app_names, device_label, session_time
 from idp.login.sessions import display_context as session_display
+from idp.mfa.qr import qr_svg
 from idp.services import services
 
 SCHOOL_TZ = ZoneInfo("Asia/Bishkek")
@@ -102,6 +103,8 @@ def account_error_text(exc: AccountError) -> str:
         ("the reason must be at most", _("The reason must be at most %(max)d characters.", max=MAX_REASON)),
         ("an account cannot be its own guardian", _("An account cannot be its own guardian.")),
         ("the session has already ended", _("This session has already ended.")),
+        ("the password is managed by the school directory",
+         _("This account's password is managed by the school directory: change it there.")),
     ]
     for prefix, message in known:
         if text.startswith(prefix):
@@ -216,6 +219,10 @@ class ConfirmedActionForm(FlaskForm):
             ]
             return False
         return True
+
+
+class GuardianCodeForm(FlaskForm):
+    """A button: the CSRF token only."""
 
 
 class ActivationCodeForm(FlaskForm):
@@ -467,18 +474,39 @@ def account_classes(user_id: int) -> Any:
 
 
 # --- guardians ----------------------------------------------------------------------------
+def _issuer_login(ref: str) -> str:
+    """A journal actor reference ("user:12") as the account's login, for people."""
+    kind, _sep, rest = ref.partition(":")
+    if kind == "user" and rest.isdigit():
+        issuer = services().db.session.get(User, int(rest))
+        if issuer is not None:
+            return issuer.login
+    return ref
+
+
 def _guardians_page(user: User, link_form: LinkChildForm) -> str:
-    return _render("admin/accounts/guardians.html", user=user, link_form=link_form, unlink_form=UnlinkForm())
+    active = guardian_codes.active_codes(services().db.session, user)
+    return _render("admin/accounts/guardians.html", user=user, link_form=link_form, unlink_form=UnlinkForm(),
+                   codes=[(c, _issuer_login(c.created_by)) for c in active], code_form=GuardianCodeForm(),
+                   can_write=can("admin:users:write"))
+
+
+def _guardian_ctx() -> guardian_codes.Context:
+    actor = current_actor()
+    return guardian_codes.Context(actor=actor.ref, ip=actor.ip, request_id=actor.request_id)
 
 
 @bp.route("/accounts/<int:user_id>/guardians", methods=["GET", "POST"])
-@requires("admin:users:write")
+@requires("admin:users:read")
 def account_guardians(user_id: int) -> Any:
-    """This account's children and guardians; link a child by the child's login."""
+    """This account's children and guardians (and its active guardian link codes);
+    link a child by the child's login (admin:users:write)."""
     user = _account_or_404(user_id)
     form = LinkChildForm()
     if request.method == "GET":
         return _guardians_page(user, form)
+    if not can("admin:users:write"):
+        abort(403)
     if not form.validate_on_submit():
         services().db.session.rollback()
         return _guardians_page(user, form), 400
@@ -516,6 +544,48 @@ def account_guardian_unlink(user_id: int) -> Any:
     admin.unlink_guardian(current_actor(), guardian, child)
     services().db.session.commit()
     flash(_("%(guardian)s is no longer a guardian of %(child)s.", guardian=guardian.login, child=child.login))
+    return back
+
+
+@bp.post("/accounts/<int:user_id>/guardian-codes")
+@requires("admin:users:write")
+def account_guardian_code_issue(user_id: int) -> Any:
+    """A new guardian link code for this (child's) account, shown once on a printable slip."""
+    user = _account_or_404(user_id)
+    if not GuardianCodeForm().validate_on_submit():
+        flash(_("No code was issued: the form was incomplete. Try again."), "error")
+        return redirect(url_for("admin.account_guardians", user_id=user.id), code=303)
+    svc = services()
+    code, row = guardian_codes.issue_code(svc.db.session, svc.journal, user, _guardian_ctx(), purpose="console")
+    svc.db.session.commit()
+    settings = svc.settings
+    url = f"{settings.issuer}/guardian"
+    # The slip is for the child's family: it speaks the child's language.
+    with force_locale(user.locale or settings.default_locale):
+        slip = render_template(
+            "guardian_slip.html", name=user.display_name, code=code, expires=local_time(row.expires_at), url=url,
+            school=settings.school_name, qr=qr_svg(url, title=_("Parent registration page")),
+        )
+    page = _render("admin/accounts/guardian_code.html", user=user, slip=Markup(slip))  # noqa: S704 - our own template
+    # Shown once: no copy in any cache or history (only the code's hash is stored).
+    return page, 200, {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+@bp.post("/accounts/<int:user_id>/guardian-codes/<int:code_id>/revoke")
+@requires("admin:users:write")
+def account_guardian_code_revoke(user_id: int, code_id: int) -> Any:
+    user = _account_or_404(user_id)
+    back = redirect(url_for("admin.account_guardians", user_id=user.id), code=303)
+    if not GuardianCodeForm().validate_on_submit():
+        flash(_("The code was not revoked: the form was incomplete. Try again."), "error")
+        return back
+    svc = services()
+    if not guardian_codes.revoke_code(svc.db.session, svc.journal, user, code_id, _guardian_ctx()):
+        svc.db.session.rollback()
+        flash(_("This code was already used or revoked."), "error")
+        return back
+    svc.db.session.commit()
+    flash(_("The guardian link code was revoked."))
     return back
 
 
@@ -700,6 +770,11 @@ def account_activation_code(user_id: int) -> Any:
         # than on the person's card.
         form.reason.errors = [*form.reason.errors,
                               _("This account is locked or disabled: unlock it first, then issue a code.")]
+        return _fail("admin/accounts/activation_code.html", form=form, user=user)
+    if user.source == DIRECTORY_SOURCE:
+        # Bind-through sign-in: the directory holds the password; no code can set one here.
+        form.reason.errors = [*form.reason.errors,
+                              _("This account's password is managed by the school directory: change it there.")]
         return _fail("admin/accounts/activation_code.html", form=form, user=user)
     code, expires = account_admin().issue_activation_code(current_actor(), user, (form.reason.data or "").strip() or None)
     services().db.session.commit()

@@ -9,6 +9,7 @@ from admin_ui import roles  # noqa: F401
 from admin_ui import restrictions  # noqa: F401
 from admin_ui import classes  # noqa: F401
 from admin_ui import roster  # noqa: F401
+from admin_ui import directory  # noqa: F401
 from admin_ui import audit  # noqa: F401
 from admin_ui import sharing  # noqa: F401
 from admin_ui import breach  # noqa: F401

@@ -2,7 +2,9 @@
 
 The uploaded file is kept in the signed-in server-side session (Redis) between the
 report and "apply", bound by its SHA-256 shown in the apply form; the activation codes
-of new accounts are shown once, on a page that is not cached."""
+of new accounts are shown once, on a page that is not cached. The report lists the
+roster accounts that would be disabled; when that is more than half of them (a mass
+disable, see connectors/roster/planner.py) applying needs the confirmation checkbox."""
 
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
-from wtforms import HiddenField
+from wtforms import BooleanField, HiddenField
 
 from admin_ui import bp
 from admin_ui.guard import current_actor, requires
 from admin_ui.nav import add_nav
-from connectors.roster.applier import RosterRejected, apply
+from connectors.roster.applier import MassDisableRefused, RosterRejected, apply
 from connectors.roster.parser import RosterFileError, parse
 from connectors.roster.planner import plan
 from idp.accounts.admin import AccountAdmin
@@ -35,6 +37,8 @@ class UploadForm(FlaskForm):
 
 class ApplyForm(FlaskForm):
     digest = HiddenField()
+    # Shown only when the import would disable more than half of the roster accounts.
+    allow_mass_disable = BooleanField()
 
 
 def _admin() -> AccountAdmin:
@@ -68,7 +72,7 @@ def roster_upload() -> Any:
         session[SESSION_KEY] = {"digest": digest, "data": base64.b64encode(data).decode("ascii")}
     else:
         session.pop(SESSION_KEY, None)
-    return render_template("admin/roster/report.html", plan=planned, apply_form=ApplyForm(digest=digest))
+    return render_template("admin/roster/report.html", plan=planned, apply_form=ApplyForm(digest=digest), problem=None)
 
 
 @bp.post("/roster/apply")
@@ -81,7 +85,14 @@ def roster_apply() -> Any:
                                problem=_("Upload the file again: the checked file is no longer there.")), 400
     db = services().db.session
     try:
-        result = apply(_admin(), current_actor(), parse(base64.b64decode(stored["data"])))
+        result = apply(_admin(), current_actor(), parse(base64.b64decode(stored["data"])),
+                       allow_mass_disable=bool(form.allow_mass_disable.data))
+    except MassDisableRefused as exc:
+        db.rollback()
+        # The checked file stays in the session: the same report, now asking to confirm.
+        return render_template("admin/roster/report.html", plan=exc.plan, apply_form=ApplyForm(digest=form.digest.data),
+                               problem=_("Nothing was changed: confirm that %(count)s accounts are to be disabled.",
+                                         count=len(exc.plan.disable))), 400
     except (RosterRejected, RosterFileError) as exc:
         db.rollback()
         errors = exc.errors if isinstance(exc, RosterRejected) else []

@@ -105,6 +105,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     from idp.teacher.views import bp as teacher_bp
 
     app.register_blueprint(teacher_bp)
+    from idp.guardian.views import bp as guardian_bp
+
+    app.register_blueprint(guardian_bp)
     import admin_ui
     from idp.oidc import cors
 

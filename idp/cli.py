@@ -9,7 +9,7 @@ import secrets
 import sys
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 from flask import Flask
@@ -121,14 +121,18 @@ def _write_codes(path: str, lines: list[str]) -> None:
 
 @roster.command("import")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--dry-run", is_flag=True, help="Only report what would be created and updated, and the bad lines.")
+@click.option("--dry-run", is_flag=True,
+              help="Only report what would be created, updated and disabled, and the bad lines.")
 @click.option("--codes-out", type=click.Path(dir_okay=False), default=None,
               help="Write the activation codes of new accounts to this file (mode 0600) instead of printing them.")
+@click.option("--allow-mass-disable", is_flag=True,
+              help="Apply even when more than half of the roster accounts (and more than 10) would be disabled.")
 @with_appcontext
-def roster_import(file: str, dry_run: bool, codes_out: str | None) -> None:
-    """Import accounts from a roster CSV file. Exit status: 0 done, 1 bad lines (nothing
-    changed), 2 the file cannot be read."""
-    from connectors.roster.applier import ROSTER_ACTOR, RosterRejected, apply
+def roster_import(file: str, dry_run: bool, codes_out: str | None, allow_mass_disable: bool) -> None:
+    """Import accounts from a roster CSV file. Roster accounts missing from the file are
+    disabled. Exit status: 0 done, 1 bad lines (nothing changed), 2 the file cannot be
+    read, 3 a mass disable was refused (nothing changed; see --allow-mass-disable)."""
+    from connectors.roster.applier import ROSTER_ACTOR, MassDisableRefused, RosterRejected, apply
     from connectors.roster.parser import RosterFileError, parse
     from connectors.roster.planner import plan
     from idp.access.permissions import PERMISSIONS
@@ -152,23 +156,37 @@ def roster_import(file: str, dry_run: bool, codes_out: str | None) -> None:
                 click.echo(f"create {row.login}")
             for item in planned.update:
                 click.echo(f"update {item.row.login}: " + ", ".join(sorted(item.changes)))
+            for row in planned.enable:
+                click.echo(f"re-enable {row.login}")
+            for gone in planned.disable:
+                click.echo(f"disable {gone.login}")
             for name in planned.new_classes:
                 click.echo(f"create class {name}")
             session.rollback()
-        click.echo(f"would create {len(planned.create)}, update {len(planned.update)}, disable 0, "
-                   f"unchanged {planned.unchanged}, bad lines {len(planned.errors)}")
+        click.echo(f"would create {len(planned.create)}, update {len(planned.update)}, disable {len(planned.disable)}, "
+                   f"unchanged {planned.unchanged}, re-enable {len(planned.enable)}, bad lines {len(planned.errors)}")
+        if planned.mass_disable:
+            click.echo(f"warning: this would disable {len(planned.disable)} of {planned.roster_active} roster "
+                       "accounts; applying it needs --allow-mass-disable", err=True)
         report_errors(planned.errors)
         sys.exit(1 if planned.errors else 0)
     actor = Actor(ref=ROSTER_ACTOR, permissions=set(PERMISSIONS))
     try:
         with svc.db.transaction() as session:
             admin = AccountAdmin(db=session, journal=svc.journal, passwords=svc.passwords, sessions=svc.sessions)
-            result = apply(admin, actor, parsed)
+            result = apply(admin, actor, parsed, allow_mass_disable=allow_mass_disable)
     except RosterRejected as exc:
         report_errors(exc.errors)
         click.echo("nothing was changed", err=True)
         sys.exit(1)
-    click.echo(f"created {result.created}, updated {result.updated}, disabled 0, unchanged {result.unchanged}")
+    except MassDisableRefused as exc:
+        click.echo(f"refused: {exc}", err=True)
+        click.echo("nothing was changed; check the file, or run again with --allow-mass-disable", err=True)
+        sys.exit(3)
+    click.echo(f"created {result.created}, updated {result.updated}, disabled {result.disabled}, "
+               f"unchanged {result.unchanged}, re-enabled {result.enabled}")
+    for login in result.disabled_logins:
+        click.echo(f"disabled {login}")
     lines = [f"{c.login}\t{c.code}\t{c.expires_at:%Y-%m-%d %H:%M} UTC" for c in result.codes]
     if codes_out:
         _write_codes(codes_out, lines)
@@ -176,6 +194,92 @@ def roster_import(file: str, dry_run: bool, codes_out: str | None) -> None:
     else:
         for line in lines:
             click.echo(line)
+
+
+# --- directory ---------------------------------------------------------------------
+@main.group()
+def directory() -> None:
+    """The school directory (LDAP): synchronisation (README, "School directory")."""
+
+
+def _directory_failed(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@directory.command("sync")
+@click.option("--dry-run", is_flag=True, help="Compute and report everything, change no account (the run is recorded).")
+@click.option("--full", is_flag=True, help="Read every person (and disable accounts gone from the directory) "
+                                           "instead of only what changed since the last run.")
+@with_appcontext
+def directory_sync(dry_run: bool, full: bool) -> None:
+    """Synchronise accounts with the directory. Exit status 0 when the run completed, 1 when
+    it failed or could not start."""
+    from connectors.ldap.config import directory_config
+    from connectors.ldap.sync import SyncDeps, SyncRefused, run_sync
+    from idp.config import SettingsError
+
+    svc = services()
+    try:
+        config = directory_config(svc.settings)
+    except SettingsError as exc:
+        _directory_failed(str(exc))
+    deps = SyncDeps(factory=svc.db.factory, redis=svc.redis, journal=svc.journal, sessions=svc.sessions)
+    bars: list[Any] = []
+
+    def on_total(total: int) -> None:
+        # Shown once the run has started (the number of people to read is known).
+        bar = click.progressbar(length=max(total, 1), label="entries", file=sys.stderr, show_pos=True)
+        bar.__enter__()
+        bars.append(bar)
+
+    def on_progress(count: int) -> None:
+        if bars:
+            bar = bars[0]
+            if bar.pos + count > bar.length:
+                bar.length = bar.pos + count
+            bar.update(count)
+
+    try:
+        summary = run_sync(config, deps, full=full, trigger="cli", dry_run=dry_run,
+                           on_total=on_total, on_progress=on_progress)
+    except SyncRefused as exc:
+        _directory_failed(str(exc))
+    except Exception as exc:  # noqa: BLE001 - e.g. the database or Redis went away: a message, not a traceback
+        logging.getLogger("darbaza.directory").exception("directory sync failed")
+        _directory_failed(f"the sync failed: {type(exc).__name__}: {exc}")
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
+    what = "dry run" if dry_run else "sync"
+    resumed = f", resuming run {summary.resumed_from}" if summary.resumed_from else ""
+    click.echo(f"{summary.mode} {what} {summary.id}{resumed}: {summary.status}")
+    verb = "would be " if dry_run else ""
+    click.echo(f"created {summary.created}, updated {summary.updated}, disabled {summary.disabled}, "
+               f"unchanged {summary.unchanged}, errors {summary.error_count}"
+               + (f" ({verb}nothing written)" if dry_run else ""))
+    for error in summary.errors[:50]:
+        click.echo(f"error: {error['dn']}: {error['reason']}")
+    if summary.error_count > 50:
+        click.echo(f"... and {summary.error_count - 50} more error(s): see the run in the console")
+    if summary.status != "completed":
+        _directory_failed(f"the run failed: {summary.message}; the next run resumes it")
+
+
+@directory.command("runs")
+@click.option("--limit", default=10, type=click.IntRange(1, 1000))
+@with_appcontext
+def directory_runs(limit: int) -> None:
+    """The last synchronisation runs, newest first."""
+    from connectors.ldap.models import DirectorySyncRun
+
+    svc = services()
+    rows = svc.db.session.scalars(select(DirectorySyncRun).order_by(DirectorySyncRun.id.desc()).limit(limit))
+    for run in rows:
+        click.echo(f"{run.id:>5} {run.started_at:%Y-%m-%d %H:%M:%S} {run.mode:11} {run.trigger:7} "
+                   f"{'dry-run ' if run.dry_run else ''}{run.status:9} created {run.created}, updated {run.updated}, "
+                   f"disabled {run.disabled}, unchanged {run.unchanged}, errors {run.error_count}"
+                   + (f" - {run.message}" if run.message else ""))
 
 
 # --- clients -----------------------------------------------------------------------
@@ -635,7 +739,7 @@ def worker(burst: bool) -> None:
 
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level)
-    run_worker(settings.redis_url, settings.outbox_poll_seconds, burst=burst)
+    run_worker(settings.redis_url, settings.outbox_poll_seconds, burst=burst, directory=bool(settings.ldap_urls))
 
 
 # --- serve -------------------------------------------------------------------------

@@ -168,6 +168,9 @@ class Settings:
     # The worker's schedule (seconds, 0: never): incremental and full syncs.
     ldap_sync_interval_seconds: int = 900
     ldap_full_sync_interval_seconds: int = 86400
+    # The TrueType font of the teacher's PDF sign-in cards (must cover Cyrillic and the
+    # Kyrgyz letters; Debian package fonts-dejavu-core).
+    card_font_file: str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
     # Extra options that only tests set.
     testing: bool = False
 

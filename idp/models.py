@@ -1,5 +1,6 @@
 """Every model, imported in one place for Alembic and create_all."""
 
+from connectors.ldap.models import DirectorySyncRun
 from idp.access.models import Restriction, SharingFlag
 from idp.accounts.models import (
     ActivationCode,
@@ -17,7 +18,6 @@ from idp.accounts.models import (
     user_roles,
 )
 from idp.audit.models import AuditEvent, AuditHead
-from connectors.ldap.models import DirectorySyncRun
 from idp.breach.models import BreachCase, BreachCaseStep
 from idp.db import Base
 from idp.notify.models import OutboxMessage

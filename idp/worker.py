@@ -70,14 +70,33 @@ def schedule_case_escalation(redis: Redis, queue: Queue, interval: float = ESCAL
     return True
 
 
+# The school directory sync (connectors/ldap/sync.py): when a directory is configured, a
+# job once a minute runs the sync that is due (incremental every
+# IDP_LDAP_SYNC_INTERVAL_SECONDS, full every IDP_LDAP_FULL_SYNC_INTERVAL_SECONDS, from
+# the runs table); a Redis lock keeps two runs from overlapping.
+DIRECTORY_SYNC_JOB = "connectors.ldap.sync.scheduled_sync"
+DIRECTORY_SCHEDULE_KEY = "darbaza:worker:directory-sync-scheduled"
+DIRECTORY_INTERVAL = 60
+
+
+def schedule_directory_sync(redis: Redis, queue: Queue, interval: float = DIRECTORY_INTERVAL) -> bool:
+    """Queue the directory sync check unless a worker already did this minute."""
+    if not redis.set(DIRECTORY_SCHEDULE_KEY, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
+        return False
+    # A full sync of a big directory takes minutes: a long timeout, no result kept.
+    queue.enqueue(DIRECTORY_SYNC_JOB, job_timeout=4 * 3600, result_ttl=60, failure_ttl=7 * 86400)
+    return True
+
+
 class DeliveryScheduler(threading.Thread):
     """Calls ``schedule_deliveries`` every ``interval`` seconds until ``stop``."""
 
-    def __init__(self, redis: Redis, queue: Queue, interval: float) -> None:
+    def __init__(self, redis: Redis, queue: Queue, interval: float, directory: bool = False) -> None:
         super().__init__(name="delivery-scheduler", daemon=True)
         self.redis = redis
         self.queue = queue
         self.interval = interval
+        self.directory = directory
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -86,6 +105,8 @@ class DeliveryScheduler(threading.Thread):
                 schedule_deliveries(self.redis, self.queue, self.interval)
                 schedule_session_sweep(self.redis, self.queue)
                 schedule_case_escalation(self.redis, self.queue)
+                if self.directory:
+                    schedule_directory_sync(self.redis, self.queue)
             except RedisError as exc:
                 # Redis will come back; the database keeps every message and logout token.
                 log.warning("could not schedule deliveries: %s", exc)
@@ -95,19 +116,22 @@ class DeliveryScheduler(threading.Thread):
         self._stop_event.set()
 
 
-def run_worker(redis_url: str, poll_seconds: float, burst: bool = False) -> None:
+def run_worker(redis_url: str, poll_seconds: float, burst: bool = False, directory: bool = False) -> None:
     """Run until SIGINT/SIGTERM (RQ's warm shutdown finishes the job in hand), or, with
-    ``burst``, until the queue is empty."""
+    ``burst``, until the queue is empty. ``directory``: a school directory is configured
+    (its scheduled sync is queued too)."""
     from rq import Worker
 
     # No socket timeout here: RQ blocks on the queue for minutes at a time.
     redis = Redis.from_url(redis_url)
     queue = Queue(QUEUE_NAME, connection=redis)
-    scheduler = DeliveryScheduler(redis, queue, poll_seconds)
+    scheduler = DeliveryScheduler(redis, queue, poll_seconds, directory=directory)
     if burst:
         schedule_deliveries(redis, queue, poll_seconds)
         schedule_session_sweep(redis, queue)
         schedule_case_escalation(redis, queue)
+        if directory:
+            schedule_directory_sync(redis, queue)
     else:
         scheduler.start()
     try:

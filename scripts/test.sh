@@ -9,6 +9,6 @@ port=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(
 pg_url=$(scripts/pg-test.sh start "$pgdir" "$port")
 workers=${PYTEST_WORKERS:-2}
 echo "== SQLite =="
-DARBAZA_TEST_DB=sqlite $PY -m pytest -n "$workers" "$@"
+DARBAZA_TEST_DB=sqlite $PY -m pytest -n "$workers" --dist loadfile "$@"
 echo "== PostgreSQL =="
-DARBAZA_TEST_DB="$pg_url" $PY -m pytest -n "$workers" -m "not browser" "$@"
+DARBAZA_TEST_DB="$pg_url" $PY -m pytest -n "$workers" --dist loadfile -m "not browser" "$@"

@@ -1,7 +1,17 @@
-"""Comparing a parsed roster with the database: what an import would create and update.
+"""Comparing a parsed roster with the database: what an import would create, update,
+re-enable and disable. Nothing is written here.
 
-Nothing is written here. Accounts are never disabled by the import: the database does
-not record which accounts came from a roster (see README, "Roster import")."""
+The roster manages the accounts it created (``User.source == "roster"``): such an
+account that is active and missing from the file is disabled; one the roster disabled
+(``source_disabled_at`` set) that is in the file again is re-enabled. An account
+disabled by an administrator (``source_disabled_at`` empty) is never re-enabled here.
+Accounts created by hand (``"local"``) that are in the file are updated but stay
+local and are never disabled by the roster; directory accounts (``"directory"``) are
+managed by the school directory and a line naming one is a bad line.
+
+An import that would disable more than half of the active roster accounts (and more
+than ``MASS_DISABLE_MIN``) is a ``mass_disable``: the applier refuses it unless asked
+explicitly, so an incomplete file cannot lock a school out (see README, "Roster import")."""
 
 from __future__ import annotations
 
@@ -13,6 +23,12 @@ from sqlalchemy.orm import Session
 from connectors.roster.parser import LineError, ParsedRoster, RosterRow
 from idp.accounts.models import SEEDED_ROLES, Role, SchoolClass, User
 
+ROSTER_SOURCE = "roster"
+DIRECTORY_SOURCE = "directory"
+# More than this many accounts, and more than half of the active roster accounts: refused
+# unless the operator asks for it (``--allow-mass-disable`` / the console's checkbox).
+MASS_DISABLE_MIN = 10
+
 
 @dataclass
 class PlannedUpdate:
@@ -20,22 +36,45 @@ class PlannedUpdate:
     changes: dict[str, list[object]]  # field -> [before, after]
 
 
+@dataclass(frozen=True)
+class PlannedDisable:
+    user_id: int
+    login: str
+    display_name: str
+
+
 @dataclass
 class RosterPlan:
     create: list[RosterRow] = field(default_factory=list)
-    update: list[PlannedUpdate] = field(default_factory=list)
+    update: list[PlannedUpdate] = field(default_factory=list)  # re-enabled accounts too ("active" change)
+    disable: list[PlannedDisable] = field(default_factory=list)
     unchanged: int = 0
     new_classes: list[str] = field(default_factory=list)
     errors: list[LineError] = field(default_factory=list)
+    roster_active: int = 0  # active roster accounts before the import
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
+    @property
+    def enable(self) -> list[RosterRow]:
+        """The roster accounts the roster had disabled that the file lists again."""
+        return [item.row for item in self.update if "active" in item.changes]
+
+    @property
+    def mass_disable(self) -> bool:
+        """Disabling more than half of the active roster accounts (and more than
+        ``MASS_DISABLE_MIN``): the applier refuses unless explicitly allowed."""
+        count = len(self.disable)
+        return count > MASS_DISABLE_MIN and 2 * count > self.roster_active
+
 
 def row_changes(user: User, row: RosterRow) -> dict[str, list[object]]:
     """The differences between an account and its roster line (empty: nothing to do)."""
     changes: dict[str, list[object]] = {}
+    if user.source == ROSTER_SOURCE and not user.active and user.source_disabled_at is not None:
+        changes["active"] = [False, True]
     if user.display_name != row.display_name:
         changes["display_name"] = [user.display_name, row.display_name]
     if row.has_email and (user.email or None) != row.email:
@@ -68,6 +107,10 @@ def plan(db: Session, parsed: ParsedRoster) -> RosterPlan:
     known_elsewhere = set(db.scalars(select(User.login).where(User.login.in_(referenced)))) if referenced else set()
     new_classes: set[str] = set()
     for row in parsed.rows:
+        user = existing.get(row.login)
+        if user is not None and user.source == DIRECTORY_SOURCE:
+            result.errors.append(LineError(row.line, "the account is managed by the school directory", row.login))
+            continue
         unknown_roles = [r for r in row.roles if r not in roles]
         if unknown_roles:
             result.errors.append(LineError(row.line, "unknown role: " + ", ".join(unknown_roles), row.login))
@@ -81,7 +124,6 @@ def plan(db: Session, parsed: ParsedRoster) -> RosterPlan:
             result.errors.append(LineError(row.line, "an account cannot be its own guardian", row.login))
             continue
         new_classes.update(c for c in row.classes or [] if c not in classes)
-        user = existing.get(row.login)
         if user is None:
             result.create.append(row)
             continue
@@ -91,5 +133,16 @@ def plan(db: Session, parsed: ParsedRoster) -> RosterPlan:
         else:
             result.unchanged += 1
     result.new_classes = sorted(new_classes)
+    # Active roster accounts missing from the file (a bad line still names its account).
+    # Filtered in Python: the file may hold thousands of logins, too many for a NOT IN.
+    mentioned = in_file | {error.login for error in parsed.errors if error.login}
+    for user_id, login, display_name in db.execute(
+        select(User.id, User.login, User.display_name)
+        .where(User.source == ROSTER_SOURCE, User.active.is_(True))
+        .order_by(User.login)
+    ):
+        result.roster_active += 1
+        if login not in mentioned:
+            result.disable.append(PlannedDisable(user_id=user_id, login=login, display_name=display_name))
     result.errors.sort(key=lambda e: e.line)
     return result

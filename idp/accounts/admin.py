@@ -316,8 +316,11 @@ class AccountAdmin:
 
     def issue_activation_code(self, actor: Actor, user: User, reason: str | None = None) -> tuple[str, datetime]:
         """A one-time code (about 60 bits) for the person to set their own password.
-        Earlier unused codes of the account stop working."""
+        Earlier unused codes of the account stop working. A directory account's password
+        is the directory's: no code is issued for it (``PasswordManagedByDirectory``)."""
         self._need(actor, "support:credentials:reset")
+        if user.source == DIRECTORY_SOURCE:
+            raise PasswordManagedByDirectory()
         now = _now()
         for old in self.db.scalars(
             select(ActivationCode).where(ActivationCode.user_id == user.id, ActivationCode.used_at.is_(None))
@@ -392,6 +395,17 @@ class AccountAdmin:
         return self.db.scalar(select(User).where(User.login == normalise_login(login)))
 
 
+DIRECTORY_SOURCE = "directory"
+
+
+class PasswordManagedByDirectory(AccountError):
+    """The account's password is managed by the school directory (bind-through sign-in):
+    no password or activation code is set for it here."""
+
+    def __init__(self) -> None:
+        super().__init__("the password is managed by the school directory")
+
+
 class ActivationError(Exception):
     """The login and activation code do not match a live code (one message for all cases)."""
 
@@ -412,7 +426,9 @@ def redeem_activation_code(
             .order_by(ActivationCode.created_at.desc())
         )
     ok = passwords.verify(live.code_hash if live else None, raw) and live is not None and len(raw) == 12
-    if not ok or user is None or live is None:
+    if not ok or user is None or live is None or user.source == DIRECTORY_SOURCE:
+        # A directory account never has a live code (none is issued); one left from
+        # before the account came from the directory is refused like a wrong one.
         if live is not None:
             live.failed_attempts += 1
             if live.failed_attempts >= ACTIVATION_MAX_FAILURES:

@@ -250,7 +250,8 @@ def _fold_search_name(_mapper: object, _connection: object, user: User) -> None:
 class GuardianLinkCode(Base):
     """A one-time code that lets a parent link a child to their account (printed or sent
     by the school). Only the SHA-256 of the code is kept (about 60 random bits, rate
-    limited); a new code for the same child replaces the unused ones."""
+    limited). A child may have several live codes at once (one for each parent); each
+    works once, until it expires or is revoked."""
 
     __tablename__ = "guardian_link_codes"
 

@@ -83,6 +83,42 @@ class Journal:
         session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=event.hash))
         return event
 
+    def record_many(self, session: Session, events: list[dict[str, Any]]) -> list[AuditEvent]:
+        """Append several events at once (bulk jobs such as the directory sync): the head
+        is locked and moved once, the events are chained in the given order. Each dict
+        holds ``record``'s keyword arguments (``actor`` and ``action`` at least)."""
+        if not events:
+            return []
+        count = len(events)
+        locked = session.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + count)).rowcount  # type: ignore[attr-defined]
+        if locked != 1:
+            session.add(AuditHead(id=1, seq=count, hash=GENESIS))
+            session.flush()
+        head = session.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).one()
+        seq, prev = head.seq - count + 1, head.hash
+        now = datetime.now(UTC).replace(tzinfo=None)
+        written: list[AuditEvent] = []
+        for item in events:
+            subject, ip = item.get("subject"), item.get("ip")
+            event = AuditEvent(
+                seq=seq,
+                occurred_at=now,
+                actor=str(item["actor"])[:128],
+                subject=subject[:128] if subject else None,
+                action=str(item["action"])[:64],
+                reason=item.get("reason"),
+                ip=ip[:64] if ip else None,
+                request_id=item.get("request_id"),
+                details=item.get("details") or {},
+                prev_hash=prev,
+            )
+            event.hash = row_hash(event)
+            prev, seq = event.hash, seq + 1
+            written.append(event)
+        session.add_all(written)
+        session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=prev))
+        return written
+
     def verify(self, session: Session) -> VerifyResult:
         """Walk the chain; name the first row that was edited, removed or reordered."""
         expected_prev = GENESIS

@@ -14,6 +14,7 @@ from typing import Any
 from flask import g, request
 
 from idp.accounts.models import User
+from idp.login.password_check import password_matches
 from idp.login.throttle import (
     PASSWORD,
     TOTP,
@@ -42,10 +43,12 @@ def check_password(user: User, password: str) -> bool:
     """True when ``password`` is the account's and the password is not disabled. A
     failure counts against the account's throttle and, when the password was wrong,
     against its consecutive-failure limit (the right password of a disabled password is
-    refused the same way, N12, without counting)."""
+    refused the same way, N12, without counting). A directory account's password is
+    checked by the directory; ``DirectoryUnavailable`` is raised, counting nothing, when
+    it cannot answer."""
     svc = services()
     db = svc.db.session
-    right = svc.passwords.verify(user.password_hash, password)
+    right = password_matches(user, password)
     if right and not is_disabled(user, PASSWORD):
         reset_credential_failures(db, user.id, PASSWORD)
         return True

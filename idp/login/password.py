@@ -12,7 +12,9 @@ like a failed sign-in (throttle and the 100-failure limit)."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from flask import g, redirect, render_template, request, session, url_for
 from flask_babel import gettext as _
@@ -23,6 +25,7 @@ from wtforms.validators import InputRequired, Length
 
 from idp.accounts.models import User
 from idp.login.flow import complete_sign_in
+from idp.login.password_check import directory_managed, directory_password_message
 from idp.login.reauth import fresh_auth_required
 from idp.login.required import MAX_PASSWORD_LENGTH, NewPasswordForm, save_new_password
 from idp.login.throttle import (
@@ -35,6 +38,8 @@ from idp.login.throttle import (
 from idp.login.views import bp
 from idp.services import services
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 
 class ChangePasswordForm(NewPasswordForm):
     current_password = PasswordField(
@@ -45,7 +50,23 @@ class ChangePasswordForm(NewPasswordForm):
     )
 
 
+def local_password_only(view: F) -> F:
+    """The school directory manages a directory account's password: the page says so
+    (403) instead of asking for a re-authentication and a new password."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if current_user.is_authenticated and directory_managed(current_user):
+            page = render_template("error.html", title=_("Password managed by the school directory"),
+                                   message=directory_password_message())
+            return page, 403
+        return view(*args, **kwargs)
+
+    return cast(F, wrapper)
+
+
 @bp.route("/account/password", methods=["GET", "POST"])
+@local_password_only
 @fresh_auth_required
 def change_password() -> Any:
     if not current_user.is_authenticated:

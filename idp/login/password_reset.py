@@ -37,6 +37,7 @@ from idp.accounts import email_address
 from idp.accounts.links import OneTimeLinks
 from idp.accounts.models import User
 from idp.login.factors import METHOD_RECOVERY_CODE, accepts_code, check_second_factor, journal
+from idp.login.password_check import directory_managed
 from idp.login.required import NewPasswordForm, save_new_password
 from idp.login.throttle import PASSWORD, is_disabled
 from idp.login.views import bp
@@ -80,9 +81,14 @@ def _password_state(user: User) -> str:
     return hashlib.sha256(f"{user.password_hash or ''}|{changed}".encode()).hexdigest()[:32]
 
 
-def _may_reset(user: User) -> bool:
+def _may_mail(user: User) -> bool:
     return (user.can_sign_in and user.email_verified
             and email_address.normalise_email(user.email) is not None)
+
+
+def _may_reset(user: User) -> bool:
+    # A directory account's password is the directory's (idp/login/password_check.py).
+    return _may_mail(user) and not directory_managed(user)
 
 
 def _accounts_for(identifier: str) -> list[User]:
@@ -148,6 +154,18 @@ def forgot_password() -> Any:
     accounts = _accounts_for(identifier)
     sent = 0
     for user in accounts:
+        if directory_managed(user) and _may_mail(user):
+            # No link: the person is told, at their own address, to change it in the
+            # directory (the page's answer stays the same for every account).
+            if svc.password_reset_throttle.fail(f"user:{user.id}") > svc.password_reset_throttle.free_failures:
+                journal("account:password:reset-requested", user, actor="anonymous", reason="throttled",
+                        details={"sent": False})
+                continue
+            notify(db, svc.outbox, user, "password_reset_directory", login=user.login)
+            journal("account:password:reset-requested", user, actor="anonymous", reason="directory-account",
+                    details={"sent": False, "notice": True})
+            sent += 1
+            continue
         if not _may_reset(user):
             journal("account:password:reset-requested", user, actor="anonymous", reason="not-eligible",
                     details={"sent": False})

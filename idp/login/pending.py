@@ -52,7 +52,9 @@ def due_step(user: User, amr: Iterable[str]) -> str | None:
     done = set(amr)
     if "mfa" not in done and user.has_second_factor:
         return SECOND_FACTOR
-    if user.must_change_password:
+    if user.must_change_password and user.source != "directory":
+        # A directory account's password is changed in the directory, never here
+        # (idp/login/password_check.py): the required change never blocks it.
         return CHANGE_PASSWORD
     if "mfa" not in done and (user.requires_2fa or requires_second_factor(services().db.session, user)):
         # A role, or a restriction (policy 5.1), requires 2FA of this account.

@@ -17,6 +17,7 @@ asks for the passkey."""
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -39,11 +40,13 @@ from idp.login.factors import (
     journal,
 )
 from idp.login.flow import ACR_MULTI_FACTOR, ACR_SINGLE_FACTOR, acr_for, sign_out
+from idp.login.password_check import DirectoryUnavailable
 from idp.login.required import MAX_PASSWORD_LENGTH
-from idp.login.views import bp, safe_next
+from idp.login.views import bp, directory_unavailable_message, safe_next
 from idp.services import services
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("darbaza.login")
 
 _ACR_RANK = {ACR_SINGLE_FACTOR: 1, ACR_MULTI_FACTOR: 2}
 # A clock a little ahead on another server must not make a session fresh for longer.
@@ -156,7 +159,16 @@ def reauthenticate() -> Any:
     svc.login_account_throttle.guard(user.login)
     # One message for either factor: the page does not say which of the two was wrong.
     wrong = _("The password or the code is incorrect.") if mode == "code" else _("The password is incorrect.")
-    if not check_password(user, form.password.data or ""):
+    try:
+        password_ok = check_password(user, form.password.data or "")
+    except DirectoryUnavailable as exc:
+        # Nothing was judged: nothing is counted; the person is told why (503).
+        journal("account:reauth:failure", user, reason="directory-unavailable", details={"factor": "pwd"})
+        db.commit()
+        log.warning("directory unreachable at re-authentication of user %s: %s", user.id, exc)
+        form.password.errors = [*form.password.errors, directory_unavailable_message()]
+        return _page(user, form, 503)
+    if not password_ok:
         journal("account:reauth:failure", user, reason="wrong-password", details={"factor": "pwd"})
         db.commit()
         form.password.errors = [*form.password.errors, wrong]

@@ -25,6 +25,7 @@ from wtforms import PasswordField
 from wtforms.validators import InputRequired, Length
 
 from idp.accounts import password_policy
+from idp.accounts.admin import DIRECTORY_SOURCE, PasswordManagedByDirectory
 from idp.accounts.models import User
 from idp.accounts.password_policy import PasswordProblem
 from idp.accounts.passwords import PasswordHashing
@@ -147,7 +148,10 @@ def save_new_password(
 ) -> None:
     """Store the new password (argon2id), clear the required action, journal it and queue
     the "password changed" mail, in the caller's transaction. ``required`` says whether
-    support asked for the change; ``action`` is the journal tag (a reset has its own)."""
+    support asked for the change; ``action`` is the journal tag (a reset has its own).
+    Refuses a directory account (its password is the directory's, never stored here)."""
+    if user.source == DIRECTORY_SOURCE:
+        raise PasswordManagedByDirectory()
     user.password_hash = passwords.hash(new_password)
     user.password_changed_at = datetime.now(UTC).replace(tzinfo=None)
     user.must_change_password = False

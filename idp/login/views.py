@@ -19,6 +19,7 @@ from idp.audit.web import audit_event
 from idp.i18n import LANGUAGES
 from idp.login import pending
 from idp.login.flow import sign_out
+from idp.login.password_check import DirectoryUnavailable, password_matches
 from idp.login.throttle import (
     PASSWORD,
     Throttled,
@@ -67,6 +68,21 @@ def _after_sign_in(flow: str | None, next_url: str | None) -> Any:
     return redirect(safe_next(next_url) or url_for("login.account"), code=303)
 
 
+def directory_unavailable_message() -> str:
+    return _("The school directory cannot be reached right now, so directory accounts cannot sign in. "
+             "Try again in a few minutes; local accounts are not affected.")
+
+
+def _directory_unavailable(form: LoginForm, user: User | None, login_name: str, exc: Exception) -> Any:
+    """A directory account's password could not be checked: say so (503), journal and log
+    it, and count nothing against the account, whose password was not judged."""
+    log.warning("directory unreachable at sign-in of user %s: %s", user.id if user else None, exc)
+    audit_event("account:login:failure", subject=f"user:{user.id}" if user else None,
+                reason="directory-unavailable", details={"login": login_name[:64], "factor": "pwd"})
+    form.password.errors.append(directory_unavailable_message())
+    return render_template("login.html", form=form), 503
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
     form = LoginForm()
@@ -93,7 +109,12 @@ def login() -> Any:
         raise Throttled(max(waits), "login")
     # No login holds a NUL, and PostgreSQL refuses one in a query: such a login is unknown.
     user = None if "\x00" in login_name else db.scalar(select(User).where(User.login == login_name))
-    ok = svc.passwords.verify(user.password_hash if user else None, form.password.data)
+    try:
+        # The account's argon2id hash, or for a directory account a bind to the school
+        # directory (idp/login/password_check.py); everything around it is the same.
+        ok = password_matches(user, form.password.data)
+    except DirectoryUnavailable as exc:
+        return _directory_unavailable(form, user, login_name, exc)
     if not ok or user is None or is_disabled(user, PASSWORD):
         svc.login_ip_throttle.fail(client_ip)
         svc.login_account_throttle.fail(login_name)

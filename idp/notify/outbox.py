@@ -39,6 +39,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "recovery_codes_new": ("display_name", "changed_at"),
     # ``login`` too: siblings may share a parent's address, each gets their own link.
     "password_reset_link": ("display_name", "login", "reset_url", "expires_minutes"),
+    # Instead of a link, for an account whose password the school directory manages.
+    "password_reset_directory": ("display_name", "login"),
     # To the address being verified (new or current) and, on a change, to the old one.
     "email_verify": ("display_name", "login", "verify_url", "expires_hours"),
     "email_change_notice": ("display_name", "new_email", "changed_at"),

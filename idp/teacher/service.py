@@ -14,8 +14,10 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from idp.accounts import guardian_codes
 from idp.accounts.admin import AccountAdmin, Actor
-from idp.accounts.models import SchoolClass, User
+from idp.accounts.models import GuardianLinkCode, SchoolClass, User
+from idp.audit.journal import Journal
 
 TEACHER = "teacher"
 STUDENT = "student"
@@ -92,3 +94,24 @@ def issue_activation_code_as_teacher(
                  "classes": sorted({c.name for c in student.classes} & {c.name for c in teacher.classes})},
     )
     return code, expires
+
+
+def issue_guardian_code_as_teacher(
+    db: Session, journal: Journal, teacher: User, student: User, *, ip: str | None, request_id: str | None,
+    purpose: str,
+) -> tuple[str, GuardianLinkCode]:
+    """A new guardian link code for a student of the teacher's class (the student's other
+    codes stay valid: a child may have two parents). Journalled as
+    ``account:guardian-code:issue`` and ``teacher:guardian-code:issue`` with the teacher
+    as actor. The caller commits."""
+    if not teacher_may_act_on(teacher, student):
+        raise NotYourStudent()
+    ctx = guardian_codes.Context(actor=f"user:{teacher.id}", ip=ip, request_id=request_id)
+    code, row = guardian_codes.issue_code(db, journal, student, ctx, purpose=purpose)
+    journal.record(
+        db, actor=ctx.actor, action="teacher:guardian-code:issue", subject=f"user:{student.id}",
+        reason="guardian link code issued by the class teacher", ip=ip, request_id=request_id,
+        details={"code_id": row.id, "expires_at": row.expires_at.isoformat(), "purpose": purpose,
+                 "classes": sorted({c.name for c in student.classes} & {c.name for c in teacher.classes})},
+    )
+    return code, row

@@ -8,6 +8,12 @@ signed in with two factors (``mfa`` in amr; the teacher role requires 2FA).
   student, shown once (``Cache-Control: no-store``); the student's sessions end.
 - ``POST /teacher/classes/<id>/cards``: printable sign-in cards for the whole class, each
   with a fresh code and a QR code to ``{issuer}/activate?login=<login>``; shown once.
+- ``POST /teacher/classes/<id>/cards.pdf``: the same cards as a PDF download (one print,
+  one set of codes: the same issuing and journal as the printable page). A missing font
+  file (settings ``card_font_file``) is a clear error page, and then no code is issued.
+- ``POST /teacher/classes/<id>/guardian-codes``: printable guardian link slips for the
+  class, a fresh code per student (the earlier ones stay valid: two parents), each with
+  a QR code to ``{issuer}/guardian``; shown once.
 
 Every route that names a class or a student answers 404 unless the teacher teaches it
 (``teacher_may_act_on``); a signed-in account that is not a teacher gets 403."""
@@ -17,18 +23,30 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from flask import Blueprint, abort, g, redirect, render_template, request, session, url_for
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from flask_babel import gettext as _
 from flask_login import current_user
 from flask_wtf import FlaskForm
 
-from idp.accounts.admin import AccountAdmin
+from idp.accounts.admin import DIRECTORY_SOURCE, AccountAdmin
 from idp.accounts.models import SchoolClass, User
 from idp.mfa.qr import qr_svg
 from idp.services import services
+from idp.teacher import pdf
 from idp.teacher.service import (
     is_teacher,
     issue_activation_code_as_teacher,
+    issue_guardian_code_as_teacher,
     students_of,
     teacher_class,
     teacher_classes,
@@ -104,6 +122,12 @@ def issue_code(user_id: int) -> Any:
         abort(404)
     if not ActionForm().validate_on_submit():
         abort(400)
+    if student.source == DIRECTORY_SOURCE:
+        # Bind-through sign-in: the school directory holds this student's password.
+        page = render_template("error.html", title=_("No activation code for this account"),
+                               message=_("This account's password is managed by the school directory: "
+                                         "change it there."))
+        return page, 409
     code, expires = issue_activation_code_as_teacher(
         _admin(), teacher, student, ip=request.remote_addr, request_id=getattr(g, "request_id", None)
     )
@@ -115,6 +139,26 @@ def issue_code(user_id: int) -> Any:
     ))
 
 
+def _issue_cards(teacher: User, school_class: SchoolClass, purpose: str) -> list[dict[str, Any]]:
+    """A fresh activation code for every student of the class (earlier codes stop
+    working, sessions end, journalled), for one print (page or PDF). The caller commits."""
+    db = services().db.session
+    admin = _admin()
+    printed = []
+    for student in students_of(db, teacher, school_class):
+        if student.source == DIRECTORY_SOURCE or not student.can_sign_in:
+            # No card: the student signs in with the school directory's password, or
+            # the account is disabled or locked (a code could not be used).
+            continue
+        code, expires = issue_activation_code_as_teacher(
+            admin, teacher, student, ip=request.remote_addr, request_id=getattr(g, "request_id", None),
+            purpose=purpose,
+        )
+        printed.append({"name": student.display_name, "login": student.login, "code": code, "expires": expires,
+                        "url": _activation_url(student.login)})
+    return printed
+
+
 @bp.post("/classes/<int:class_id>/cards")
 def cards(class_id: int) -> Any:
     teacher = _teacher()
@@ -123,19 +167,89 @@ def cards(class_id: int) -> Any:
     school_class = _class_or_404(teacher, class_id)
     if not ActionForm().validate_on_submit():
         abort(400)
+    printed = _issue_cards(teacher, school_class, f"cards:{school_class.name}")
+    for card in printed:
+        card["qr"] = qr_svg(card["url"], title=_("Activation page for %(login)s", login=card["login"]))
+    services().db.session.commit()
+    return _no_store(render_template("teacher_cards.html", school_class=school_class, cards=printed))
+
+
+def _font_missing() -> Any:
+    page = render_template(
+        "error.html", title=_("The PDF cannot be made"),
+        message=_("The font for the PDF sign-in cards is not installed on the server, so no codes were issued. "
+                  "Use the printable page instead, and ask technical support to install the font "
+                  "(fonts-dejavu-core) or set IDP_CARD_FONT_FILE."),
+    )
+    return page, 503
+
+
+@bp.post("/classes/<int:class_id>/cards.pdf")
+def cards_pdf(class_id: int) -> Any:
+    teacher = _teacher()
+    if not isinstance(teacher, User):
+        return teacher
+    school_class = _class_or_404(teacher, class_id)
+    if not ActionForm().validate_on_submit():
+        abort(400)
+    svc = services()
+    font_file = svc.settings.card_font_file
+    try:
+        # Before any code is issued: a print that cannot be made must not void the
+        # students' earlier codes.
+        pdf.check_font(font_file)
+    except pdf.FontMissing:
+        return _font_missing()
+    db = svc.db.session
+    printed = _issue_cards(teacher, school_class, f"cards-pdf:{school_class.name}")
+    title = _("Sign-in cards, class %(name)s", name=school_class.name)
+    labels = pdf.Labels(title=title, login=_("Login"), code=_("Activation code"), valid_until=_("Valid until"))
+    cards_ = [
+        pdf.Card(name=c["name"], login=c["login"], code=c["code"], expires=c["expires"], url=c["url"],
+                 instructions=_("Scan the code or open %(url)s, enter the activation code and choose your own "
+                                "password.", url=c["url"]))
+        for c in printed
+    ]
+    try:
+        body = pdf.render_cards(cards_, labels, font_file=font_file)
+    except pdf.FontMissing:
+        db.rollback()
+        return _font_missing()
+    # Only now that the file exists are the new codes kept.
+    db.commit()
+    filename = f"sign-in-cards-{school_class.name}.pdf".replace(" ", "_")
+    return Response(body, mimetype="application/pdf", headers={
+        "Cache-Control": "no-store", "Pragma": "no-cache",
+        "Content-Disposition": f'attachment; filename="{filename}"',
+    })
+
+
+def _guardian_url() -> str:
+    return f"{services().settings.issuer}/guardian"
+
+
+@bp.post("/classes/<int:class_id>/guardian-codes")
+def guardian_codes(class_id: int) -> Any:
+    teacher = _teacher()
+    if not isinstance(teacher, User):
+        return teacher
+    school_class = _class_or_404(teacher, class_id)
+    if not ActionForm().validate_on_submit():
+        abort(400)
     svc = services()
     db = svc.db.session
-    admin = _admin()
-    printed = []
+    url = _guardian_url()
+    qr = qr_svg(url, title=_("Parent registration page"))
+    slips = []
     for student in students_of(db, teacher, school_class):
-        code, expires = issue_activation_code_as_teacher(
-            admin, teacher, student, ip=request.remote_addr, request_id=getattr(g, "request_id", None),
-            purpose=f"cards:{school_class.name}",
+        if not student.active:
+            continue
+        code, row = issue_guardian_code_as_teacher(
+            db, svc.journal, teacher, student, ip=request.remote_addr, request_id=getattr(g, "request_id", None),
+            purpose=f"slips:{school_class.name}",
         )
-        url = _activation_url(student.login)
-        printed.append({
-            "name": student.display_name, "login": student.login, "code": code, "expires": expires, "url": url,
-            "qr": qr_svg(url, title=_("Activation page for %(login)s", login=student.login)),
-        })
+        slips.append({"name": student.display_name, "login": student.login, "code": code,
+                      "expires": row.expires_at.strftime("%Y-%m-%d"), "url": url, "qr": qr})
     db.commit()
-    return _no_store(render_template("teacher_cards.html", school_class=school_class, cards=printed))
+    return _no_store(render_template("teacher_guardian_slips.html", school_class=school_class, slips=slips,
+                                     school=svc.settings.school_name))

@@ -8,13 +8,30 @@ import secrets
 import stat
 from pathlib import Path
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, update
 
 from idp.accounts.models import ActivationCode, User
 from idp.audit.models import AuditEvent
+from idp.oidc.models import AccessToken
 from tests.integration.test_cli import run
 
 HEADER = "login,display_name,role,class,email,guardian_of,locale\n"
+
+
+def release_roster_accounts(server) -> None:  # type: ignore[no-untyped-def]
+    """The roster is the whole school: an import disables every roster account missing
+    from its file. The database is shared by the tests of this process, so each test
+    starts (and ends) with no roster-managed account: earlier ones become "local"."""
+    with server.services.db.transaction() as session:
+        session.execute(update(User).where(User.source == "roster").values(source="local"))
+
+
+@pytest.fixture(autouse=True)
+def _own_roster(server):  # type: ignore[no-untyped-def]
+    release_roster_accounts(server)
+    yield
+    release_roster_accounts(server)
 
 
 def tag() -> str:
@@ -262,3 +279,218 @@ def test_console_roster_needs_users_write(server, make_user):
     assert response.status_code == 403
     assert browser.post("/admin/roster/apply", data=data).status_code == 403
     assert count_users(server, t) == 0
+
+
+# --- roster-managed accounts: disabling and enabling again ---------------------------------
+def state(server, login: str) -> dict[str, object]:
+    with server.services.db.transaction() as session:
+        user = session.scalar(select(User).where(User.login == login))
+        assert user is not None, login
+        return {"source": user.source, "active": user.active, "source_disabled_at": user.source_disabled_at,
+                "name": user.display_name}
+
+
+def journal(server, login: str, action: str) -> list[AuditEvent]:
+    with server.services.db.transaction() as session:
+        user_id = session.scalar(select(User.id).where(User.login == login))
+        rows = list(session.scalars(select(AuditEvent).where(AuditEvent.action == action,
+                                                             AuditEvent.subject == f"user:{user_id}")))
+        for row in rows:
+            session.expunge(row)
+        return rows
+
+
+def without(text: str, login: str) -> str:
+    return "".join(line + "\n" for line in text.splitlines() if not line.startswith(login + ","))
+
+
+def activated(server, output: str, login: str, password: str) -> None:
+    """Redeem the printed activation code of ``login`` (the person sets a password)."""
+    from idp.accounts.admin import redeem_activation_code
+
+    code = next(x for x in output.splitlines() if x.startswith(login + "\t")).split("\t")[1]
+    with server.services.db.transaction() as session:
+        redeem_activation_code(session, server.services.passwords, server.services.journal,
+                               login=login, code=code, new_password=password)
+
+
+def test_missing_roster_account_is_disabled_signed_out_and_enabled_again(server, tmp_path, make_client):
+    from tests.helpers import Browser, UserInfo
+    from tests.integration.test_rfc9700 import get_tokens, userinfo_status
+
+    t = tag()
+    first = write(tmp_path, good_roster(t))
+    imported = run(server, "roster", "import", first)
+    assert imported.exit_code == 0, imported.output
+    bolot = f"{t}.bolot"
+    assert {state(server, f"{t}.{x}")["source"] for x in ("aigerim", "bolot", "mama", "teacher")} == {"roster"}
+    password = "a new long passphrase 77"
+    activated(server, imported.output, bolot, password)
+    # Bolot is signed in on the provider and holds tokens of a portal app.
+    browser = Browser(server.url)
+    assert browser.sign_in(bolot, password).status_code == 303
+    assert browser.get("/").status_code == 200
+    client = make_client()
+    tokens = get_tokens(server, Browser(server.url), client, UserInfo(id=0, login=bolot, password=password,
+                                                                      subject=""))
+    assert userinfo_status(server, tokens["access_token"]) == 200
+
+    second = write(tmp_path, without(good_roster(t), bolot), name="second.csv")
+    # The dry run lists him and changes nothing.
+    dry = run(server, "roster", "import", second, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert f"disable {bolot}" in dry.output
+    assert "would create 0, update 0, disable 1, unchanged 3" in dry.output
+    assert state(server, bolot)["active"] is True and browser.get("/").status_code == 200
+    assert journal(server, bolot, "roster:account:disable") == []
+
+    applied = run(server, "roster", "import", second)
+    assert applied.exit_code == 0, applied.output
+    assert "created 0, updated 0, disabled 1, unchanged 3" in applied.output
+    assert f"disabled {bolot}" in applied.output
+    after = state(server, bolot)
+    assert after["active"] is False and after["source_disabled_at"] is not None and after["source"] == "roster"
+    assert state(server, f"{t}.aigerim")["active"] is True
+    # Signed out everywhere, tokens revoked, cannot sign in again.
+    gone = browser.get("/")
+    assert gone.status_code == 302 and "/login" in gone.headers["Location"]
+    assert userinfo_status(server, tokens["access_token"]) == 401
+    with server.services.db.transaction() as session:
+        user_id = session.scalar(select(User.id).where(User.login == bolot))
+        live = session.scalar(select(func.count()).select_from(AccessToken)
+                              .where(AccessToken.user_id == user_id, AccessToken.revoked_at.is_(None)))
+    assert live == 0
+    assert Browser(server.url).sign_in(bolot, password).status_code != 303
+    disabled = journal(server, bolot, "roster:account:disable")
+    assert len(disabled) == 1 and disabled[0].actor == "cli:roster" and disabled[0].details["sessions_ended"] >= 1
+
+    # The same file again changes nothing.
+    again = run(server, "roster", "import", second)
+    assert "created 0, updated 0, disabled 0, unchanged 3" in again.output, again.output
+    assert len(journal(server, bolot, "roster:account:disable")) == 1
+
+    # Listed again: enabled again, with the password he set.
+    dry_back = run(server, "roster", "import", first, "--dry-run")
+    assert f"re-enable {bolot}" in dry_back.output and "update 1, disable 0" in dry_back.output
+    assert state(server, bolot)["active"] is False
+    back = run(server, "roster", "import", first)
+    assert back.exit_code == 0, back.output
+    assert "created 0, updated 1, disabled 0, unchanged 3, re-enabled 1" in back.output
+    restored = state(server, bolot)
+    assert restored["active"] is True and restored["source_disabled_at"] is None
+    assert len(journal(server, bolot, "roster:account:enable")) == 1
+    assert Browser(server.url).sign_in(bolot, password).status_code == 303
+    assert "created 0, updated 0, disabled 0, unchanged 4" in run(server, "roster", "import", first).output
+
+
+def test_an_account_disabled_by_an_administrator_is_not_enabled_by_the_roster(server, tmp_path):
+    t = tag()
+    path = write(tmp_path, good_roster(t))
+    assert run(server, "roster", "import", path).exit_code == 0
+    aigerim = f"{t}.aigerim"
+    with server.services.db.transaction() as session:  # as an administrator disables it
+        session.scalar(select(User).where(User.login == aigerim)).active = False
+    listed = run(server, "roster", "import", path)
+    assert "created 0, updated 0, disabled 0, unchanged 4, re-enabled 0" in listed.output, listed.output
+    assert state(server, aigerim)["active"] is False
+    # Missing from the file: not "disabled" again (it is not active), and still not enabled after.
+    missing = run(server, "roster", "import", write(tmp_path, without(good_roster(t), aigerim), name="m.csv"))
+    assert "disabled 0" in missing.output and state(server, aigerim)["source_disabled_at"] is None
+    assert "re-enabled 0" in run(server, "roster", "import", path).output
+    assert state(server, aigerim)["active"] is False
+    assert journal(server, aigerim, "roster:account:enable") == []
+
+
+def test_local_accounts_are_updated_but_stay_local_and_are_never_disabled(server, tmp_path, make_user):
+    t = tag()
+    local = make_user(roles=("student",), login=f"{t}.local", display_name="Old Name")
+    text = good_roster(t) + f"{t}.local,New Name,student,,,,ky\n"
+    imported = run(server, "roster", "import", write(tmp_path, text))
+    assert "created 4, updated 1" in imported.output, imported.output
+    assert state(server, local.login) == {"source": "local", "active": True, "source_disabled_at": None,
+                                          "name": "New Name"}
+    missing = run(server, "roster", "import", write(tmp_path, good_roster(t), name="m.csv"))
+    assert "disabled 0, unchanged 4" in missing.output, missing.output
+    assert state(server, local.login)["active"] is True
+
+
+def test_a_line_naming_a_directory_account_is_a_bad_line(server, tmp_path, make_user):
+    t = tag()
+    person = make_user(roles=("student",), login=f"{t}.dir")
+    with server.services.db.transaction() as session:
+        user = session.get(User, person.id)
+        user.source = "directory"
+        user.password_hash = None
+    path = write(tmp_path, HEADER + f"{t}.ok,Fine,student,,,,\n{t}.dir,Directory Person,student,,,,\n")
+    for args in (("--dry-run",), ()):
+        result = run(server, "roster", "import", path, *args)
+        assert result.exit_code == 1, result.output
+        assert "line 3: the account is managed by the school directory" in result.output
+    assert account(server, f"{t}.ok") is None
+    assert state(server, person.login)["name"] == "Test User"
+
+
+def big_roster(t: str, count: int) -> str:
+    return HEADER + "".join(f"{t}.s{i:02d},Student {i},student,,,,\n" for i in range(count))
+
+
+def test_mass_disable_is_refused_unless_allowed(server, tmp_path):
+    t = tag()
+    full = write(tmp_path, big_roster(t, 12))
+    assert run(server, "roster", "import", full).exit_code == 0
+    # Disabling 10 or fewer (here 2 of 12) needs no option.
+    ten = run(server, "roster", "import", write(tmp_path, big_roster(t, 10), name="ten.csv"))
+    assert ten.exit_code == 0 and "disabled 2" in ten.output, ten.output
+    assert "re-enabled 2" in run(server, "roster", "import", full).output
+    partial = write(tmp_path, big_roster(t, 1), name="partial.csv")
+    dry = run(server, "roster", "import", partial, "--dry-run")
+    assert dry.exit_code == 0
+    assert "disable 11" in dry.output and "--allow-mass-disable" in dry.output
+    refused = run(server, "roster", "import", partial)
+    assert refused.exit_code == 3, refused.output
+    assert "would disable 11 of 12" in refused.output and "nothing was changed" in refused.output
+    assert all(state(server, f"{t}.s{i:02d}")["active"] for i in range(12))
+    allowed = run(server, "roster", "import", partial, "--allow-mass-disable")
+    assert allowed.exit_code == 0, allowed.output
+    assert "disabled 11" in allowed.output
+    assert [state(server, f"{t}.s{i:02d}")["active"] for i in range(12)] == [True] + [False] * 11
+
+
+def apply_form(browser, page, *, confirm: bool):  # type: ignore[no-untyped-def]
+    """Submit the report's apply form, with the mass-disable checkbox ticked or not."""
+    from tests.helpers import form_fields
+
+    action, fields = form_fields(page.text, "/admin/roster/apply")
+    fields.pop("allow_mass_disable", None)
+    if confirm:
+        fields["allow_mass_disable"] = "y"
+    return browser.post(action, data=fields)
+
+
+def test_console_lists_and_counts_disabled_accounts_and_asks_before_a_mass_disable(server, make_user):
+    from tests.integration.admin.test_accounts import console
+
+    browser, admin = console(server, make_user, "school_admin")
+    t = tag()
+    assert apply_form(browser, upload(browser, big_roster(t, 13)), confirm=False).status_code == 200
+    # One missing: listed in the report, counted when applied, no confirmation needed.
+    report = upload(browser, without(big_roster(t, 13), f"{t}.s05"))
+    assert "Disable: 1." in report.text and 'id="mass-disable"' not in report.text
+    assert f"<li>{t}.s05 — Student 5</li>" in report.text
+    assert state(server, f"{t}.s05")["active"] is True  # the report changed nothing
+    done = apply_form(browser, report, confirm=False)
+    assert done.status_code == 200, done.text[:500]
+    assert "Disabled: 1." in done.text and f"<li>{t}.s05</li>" in done.text
+    assert state(server, f"{t}.s05")["active"] is False
+    assert journal(server, f"{t}.s05", "roster:account:disable")[0].actor == f"user:{admin.id}"
+    # Only one left in the file: 11 of the 12 active roster accounts.
+    report = upload(browser, big_roster(t, 1))
+    assert "Disable: 11." in report.text and 'id="mass-disable"' in report.text
+    refused = apply_form(browser, report, confirm=False)
+    assert refused.status_code == 400
+    assert "Nothing was changed: confirm that 11 accounts are to be disabled." in refused.text
+    assert state(server, f"{t}.s12")["active"] is True
+    done = apply_form(browser, refused, confirm=True)
+    assert done.status_code == 200, done.text[:500]
+    assert "Disabled: 11." in done.text
+    assert [state(server, f"{t}.s{i:02d}")["active"] for i in range(13)] == [True] + [False] * 12

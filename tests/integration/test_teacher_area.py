@@ -105,7 +105,7 @@ def school(server, make_user):
     with server.services.db.transaction() as session:
         session.get(User, fresh.id).password_hash = None
     return {"teacher": teacher, "fresh": fresh, "active": active, "staff": staff, "other": other,
-            "a": class_a_id, "b": class_b_id, "a_name": class_a}
+            "a": class_a_id, "b": class_b_id, "a_name": class_a, "b_name": class_b}
 
 
 def test_account_page_links_teachers_to_their_classes(server, make_user, school):
@@ -230,3 +230,69 @@ def test_a_teacher_without_a_two_factor_session_is_refused(server, school):
     assert browser.get("/").status_code == 200
     assert browser.get("/teacher").status_code == 403
     assert browser.get(f"/teacher/classes/{school['a']}").status_code == 403
+
+
+# --- every route, generically: a new /teacher route is checked without being listed here ---
+def _teacher_rules(server) -> list:  # type: ignore[type-arg]
+    return [rule for rule in server.app.url_map.iter_rules()
+            if rule.rule == "/teacher" or rule.rule.startswith("/teacher/")]
+
+
+def _try_every_route(server, browser: Browser, *, class_ids: list[int], user_ids: list[int]) -> set[str]:
+    """Call every /teacher route naming a class or a student with each of the given ids
+    (none of them the teacher's): each must answer 403 or 404. Returns the routes tried."""
+    token = csrf_of(browser.get("/"))
+    tried: set[str] = set()
+    for rule in _teacher_rules(server):
+        arguments = set(rule.arguments)
+        if not arguments:
+            continue
+        unknown = arguments - {"class_id", "user_id"}
+        if unknown:
+            pytest.fail(f"{rule.rule}: no negative test knows the argument(s) {sorted(unknown)}; add one")
+        values = class_ids if "class_id" in arguments else user_ids
+        name = "class_id" if "class_id" in arguments else "user_id"
+        for value in values:
+            url = rule.rule.replace(f"<int:{name}>", str(value))
+            for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+                if method == "GET":
+                    answer = browser.get(url)
+                else:
+                    answer = browser.post(url, data={"csrf_token": token})
+                assert answer.status_code in (403, 404), (method, url, answer.status_code, answer.text[:300])
+                assert not CODE.search(answer.text), (method, url)
+                tried.add(f"{method} {rule.rule}")
+    return tried
+
+
+def _nothing_issued_for(server, user_ids: list[int]) -> None:
+    from idp.accounts.models import GuardianLinkCode
+
+    with server.services.db.transaction() as session:
+        assert session.scalars(select(ActivationCode).where(ActivationCode.user_id.in_(user_ids))).all() == []
+        assert session.scalars(select(GuardianLinkCode).where(GuardianLinkCode.child_id.in_(user_ids))).all() == []
+        journalled = session.scalars(select(AuditEvent.action).where(
+            AuditEvent.subject.in_([f"user:{i}" for i in user_ids]),
+            AuditEvent.action.like("teacher:%") | AuditEvent.action.like("%code:issue"),
+        )).all()
+    assert journalled == []
+
+
+def test_every_route_refuses_a_teacher_of_another_class(server, make_user, school):
+    """The teacher of class B, and an id of a student in no class at all, on every route."""
+    other_teacher = make_user(roles=("teacher",))
+    put_in_classes(server, other_teacher.id, [school["b_name"]])
+    unrelated = make_user(roles=("student",), display_name="Nobody's Student")
+    browser = signed_in(server, other_teacher)
+    home = browser.get("/teacher")
+    assert home.status_code == 200 and f"/teacher/classes/{school['b']}" in home.text
+    assert f"/teacher/classes/{school['a']}" not in home.text and school["a_name"] not in home.text
+    targets = [school["fresh"].id, school["active"].id, unrelated.id]
+    tried = _try_every_route(server, browser, class_ids=[school["a"], 10**9], user_ids=targets + [10**9])
+    expected = {f"{method} {rule.rule}" for rule in _teacher_rules(server) if rule.arguments
+                for method in rule.methods - {"HEAD", "OPTIONS"}}
+    assert tried == expected and len(tried) >= 3
+    # The class teacher of A is refused the unrelated student the same way.
+    own = signed_in(server, school["teacher"])
+    _try_every_route(server, own, class_ids=[school["b"]], user_ids=[unrelated.id, school["other"].id])
+    _nothing_issued_for(server, targets + [school["other"].id])

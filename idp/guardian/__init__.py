@@ -1,0 +1,1 @@
+"""The parents' side of guardian link codes (``/guardian``)."""
