@@ -159,7 +159,9 @@ class User(UserMixin, Base):
 
     roles: Mapped[list[Role]] = relationship(secondary=user_roles, lazy="selectin")
     passkeys: Mapped[list[Passkey]] = relationship(
-        lazy="selectin", cascade="all, delete-orphan", passive_deletes=True, order_by="Passkey.id"
+        # Loaded when used (sign-in, the 2FA page): token and userinfo requests load the
+        # account on every call and never need its passkeys (bench/load.py).
+        lazy="select", cascade="all, delete-orphan", passive_deletes=True, order_by="Passkey.id"
     )
     classes: Mapped[list[SchoolClass]] = relationship(secondary=class_members, lazy="selectin")
     children: Mapped[list[User]] = relationship(
