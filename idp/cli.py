@@ -739,7 +739,7 @@ def worker(burst: bool) -> None:
 
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level)
-    run_worker(settings.redis_url, settings.outbox_poll_seconds, burst=burst, directory=bool(settings.ldap_urls))
+    run_worker(settings, burst=burst)
 
 
 # --- serve -------------------------------------------------------------------------

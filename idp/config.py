@@ -40,6 +40,13 @@ class Settings:
     database_url: str = "sqlite:///var/darbaza.sqlite3"
     database_pool_size: int = 10
     redis_url: str = "redis://127.0.0.1:6380/0"
+    # Redis Sentinel (idp/redis_client.py): comma-separated host:port of the sentinels;
+    # when set, the client talks to the master they name for the service below, and
+    # IDP_REDIS_URL gives only the database number, credentials and TLS (rediss://).
+    redis_sentinels: list = dataclasses.field(default_factory=list)
+    redis_sentinel_service: str = ""
+    # The sentinels' own password (their requirepass), if any.
+    redis_sentinel_password: str = ""
     school_name: str = "Demo School No. 1"
     default_locale: str = "ky"
     # Browser session lifetimes (seconds); see ASVS 7.3 / NIST 800-63B-4 §2.2.3.
@@ -195,6 +202,7 @@ class Settings:
         settings.issuer = settings.issuer.rstrip("/")
         settings._check_networks()
         settings._check_support_hours()
+        settings._check_redis()
         if settings.issuer.startswith("http://127.0.0.1") or settings.issuer.startswith(
             "http://localhost"
         ):
@@ -219,6 +227,18 @@ class Settings:
         for name in ("shared_network_idle_seconds", "shared_network_absolute_seconds"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"IDP_{name.upper()} must be a positive number of seconds")
+
+    def _check_redis(self) -> None:
+        if not self.redis_sentinels:
+            return
+        from idp.redis_client import sentinel_addresses
+
+        try:
+            sentinel_addresses(self.redis_sentinels)
+        except ValueError as exc:
+            raise SettingsError(f"IDP_REDIS_SENTINELS: {exc}; give comma-separated host:port") from exc
+        if not self.redis_sentinel_service:
+            raise SettingsError("IDP_REDIS_SENTINEL_SERVICE (the master's name) is needed with IDP_REDIS_SENTINELS")
 
     def _check_support_hours(self) -> None:
         from datetime import time

@@ -23,6 +23,7 @@ from idp.notify.outbox import Outbox
 from idp.oidc.backchannel import BackchannelLogout
 from idp.oidc.keys import KeyService, build_key_service
 from idp.oidc.tokens import TokenService
+from idp.redis_client import connect_redis
 from idp.sessions.registry import SessionRegistry
 
 
@@ -64,9 +65,7 @@ class Services:
     @classmethod
     def build(cls, settings: Settings) -> Services:
         db = Database(settings.database_url, settings.database_pool_size)
-        redis = Redis.from_url(
-            settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
-        )
+        redis = connect_redis(settings, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
         keys = build_key_service(settings, db.factory)
         passwords = PasswordHashing(
             time_cost=settings.argon2_time_cost,

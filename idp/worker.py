@@ -11,6 +11,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 
+from idp.config import Settings
+from idp.redis_client import connect_redis
+
 log = logging.getLogger("darbaza.worker")
 
 QUEUE_NAME = "darbaza"
@@ -116,14 +119,16 @@ class DeliveryScheduler(threading.Thread):
         self._stop_event.set()
 
 
-def run_worker(redis_url: str, poll_seconds: float, burst: bool = False, directory: bool = False) -> None:
+def run_worker(settings: Settings, burst: bool = False) -> None:
     """Run until SIGINT/SIGTERM (RQ's warm shutdown finishes the job in hand), or, with
-    ``burst``, until the queue is empty. ``directory``: a school directory is configured
-    (its scheduled sync is queued too)."""
+    ``burst``, until the queue is empty. Deliveries are queued every
+    ``IDP_OUTBOX_POLL_SECONDS``; with a school directory configured its scheduled sync too."""
     from rq import Worker
 
+    poll_seconds = settings.outbox_poll_seconds
+    directory = bool(settings.ldap_urls)
     # No socket timeout here: RQ blocks on the queue for minutes at a time.
-    redis = Redis.from_url(redis_url)
+    redis = connect_redis(settings, socket_timeout=None)
     queue = Queue(QUEUE_NAME, connection=redis)
     scheduler = DeliveryScheduler(redis, queue, poll_seconds, directory=directory)
     if burst:

@@ -828,6 +828,7 @@ def scheduled_sync() -> str | None:
     from connectors.ldap.config import directory_config
     from idp.config import Settings
     from idp.db import Database
+    from idp.redis_client import connect_redis
     from idp.sessions.jobs import build_registry
 
     try:
@@ -839,7 +840,7 @@ def scheduled_sync() -> str | None:
     if not config.configured:
         return None
     database = Database(settings.database_url, pool_size=1)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=2)
+    redis = connect_redis(settings, socket_timeout=10, socket_connect_timeout=2)
     try:
         with database.factory() as db:
             mode = due_mode(db, interval=settings.ldap_sync_interval_seconds,

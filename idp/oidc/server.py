@@ -300,6 +300,9 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
         the scopes to grant (school-only ones need the person seen inside)."""
         self._granted_scope = scope
         user = self.svc.db.session.get(User, row.user_id) if row.user_id is not None else None
+        # Held for authenticate_user: the session's identity map holds objects weakly, and
+        # loading the account again costs five queries.
+        self._account = user
         if user is None or not user.can_sign_in:
             return  # authenticate_user refuses it and revokes the family
         access = self._access(user, phase=REFRESH, scopes=scope.split(), amr=list(row.amr or []))
@@ -316,7 +319,9 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
     def authenticate_user(self, refresh_token: RefreshToken) -> User | None:
         if refresh_token.user_id is None:
             return None
-        user = self.svc.db.session.get(User, refresh_token.user_id)
+        held: User | None = getattr(self, "_account", None)
+        user = held if held is not None and held.id == refresh_token.user_id else self.svc.db.session.get(
+            User, refresh_token.user_id)
         if user is None or not user.can_sign_in:
             return None
         return user

@@ -10,6 +10,7 @@ from redis import Redis
 from idp.config import Settings
 from idp.db import Database
 from idp.oidc.backchannel import build_backchannel
+from idp.redis_client import connect_redis
 from idp.sessions.registry import SessionRegistry
 
 log = logging.getLogger("darbaza.sessions")
@@ -26,7 +27,7 @@ def sweep_sessions() -> int:
     builds its own database engine and Redis client in RQ's forked process."""
     settings = Settings.from_env()
     database = Database(settings.database_url, pool_size=1)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    redis = connect_redis(settings, socket_timeout=5, socket_connect_timeout=2)
     try:
         with database.factory() as db:
             ended = build_registry(settings, database, redis).sweep_expired(db)
