@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ["directory_sync", "load", "session_memory", "soak", "row_sizes"]
+BENCHMARKS = ["directory_sync", "load", "session_memory", "soak", "row_sizes", "worker_models"]
 # Run only when named (``python -m bench soak``): the soak takes five minutes (or with
 # BENCH_SOAK=1), row_sizes starts its own PostgreSQL for docs/capacity.md.
-ON_REQUEST = {"soak", "row_sizes"}
+ON_REQUEST = {"soak", "row_sizes", "worker_models"}
 
 
 def machine() -> dict[str, object]:

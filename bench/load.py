@@ -313,25 +313,75 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run() -> dict[str, Any]:
-    wanted = [s for s in os.environ.get("BENCH_SCENARIOS", "").split(",") if s] or [
+def run_one(database_url: str = "", workers: int | None = None, threads: int | None = None,
+            scenarios: list[str] | None = None, seconds: float = SECONDS) -> dict[str, Any]:
+    """Every scenario against one stack (one database, one gunicorn model)."""
+    wanted = scenarios or [s for s in os.environ.get("BENCH_SCENARIOS", "").split(",") if s] or [
         s for s in SCENARIOS if s != "hello"]
-    with Stack() as stack:
+    extra: dict[str, Any] = {}
+    if workers:
+        extra["workers"] = workers
+    if threads:
+        extra["threads"] = threads
+    with Stack(database_url=database_url, **extra) as stack:
         ctx = dict(stack.seeded)
         argon2 = argon2_ceiling(ctx["argon2"])
-        hello = drive(stack.hello_url, ctx, "hello", server_pid=stack.hello_pid)
+        hello = drive(stack.hello_url, ctx, "hello", server_pid=stack.hello_pid, seconds=seconds)
         rows = [dict(hello, ratio=1.0)]
-        print(f"   ceiling: hello world {hello['rps']} req/s; argon2id {argon2['seconds_per_hash'] * 1000:.0f} ms "
-              f"per hash, {argon2['hashes_per_s']} hashes/s on {argon2['cores']} cores", flush=True)
+        kind = "postgresql" if database_url.startswith("postgresql") else "sqlite"
+        print(f"   [{kind}, {stack.workers} workers x {stack.threads} threads] ceiling: hello world "
+              f"{hello['rps']} req/s; argon2id {argon2['seconds_per_hash'] * 1000:.0f} ms per hash, "
+              f"{argon2['hashes_per_s']} hashes/s on {argon2['cores']} cores", flush=True)
         for name in wanted:
-            result = drive(stack.url, ctx, name, server_pid=stack.server_pid)
+            result = drive(stack.url, ctx, name, server_pid=stack.server_pid, seconds=seconds)
             ceiling = argon2["hashes_per_s"] if SCENARIOS[name][2] == "argon2" else hello["rps"]
             result["ratio"] = round(result["rps"] / ceiling, 2) if ceiling else None
             rows.append(result)
             print(f"   {name}: {result['rps']} req/s, p99 {result['p99_ms']} ms, errors {result['errors']}, "
                   f"ratio {result['ratio']}", flush=True)
         rss = process_rss_kib(stack.server_pid)
-        print(_table(rows))
-        return {"database": "postgresql" if stack.database_url.startswith("postgresql") else "sqlite",
-                "workers": stack.workers, "threads": stack.threads, "concurrency": CONCURRENCY,
+        print(_table(rows), flush=True)
+        return {"database": kind, "workers": stack.workers, "threads": stack.threads, "concurrency": CONCURRENCY,
                 "argon2": argon2, "server_rss_kib": rss, "scenarios": rows}
+
+
+class _Postgres:
+    """A throwaway PostgreSQL cluster with its default durability (scripts/pg-test.sh)."""
+
+    def __enter__(self) -> str:
+        import subprocess
+        import tempfile
+        from pathlib import Path
+
+        from bench.stack import ROOT, free_port
+
+        self.dir = Path(tempfile.mkdtemp(prefix="darbaza-bench-pg-"))
+        os.chmod(self.dir, 0o755)  # noqa: S103 - the postgres user must reach its data directory
+        self.script = str(ROOT / "scripts/pg-test.sh")
+        return subprocess.run([self.script, "start", str(self.dir / "pg"), str(free_port())],  # noqa: S603
+                              check=True, capture_output=True, text=True,
+                              env={**os.environ, "PG_DURABLE": "1"}).stdout.strip()
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+        import subprocess
+
+        subprocess.run([self.script, "stop", str(self.dir / "pg")], check=False)  # noqa: S603
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run() -> dict[str, Any]:
+    """SQLite, then PostgreSQL (BENCH_DATABASES=sqlite or postgresql for one; a given
+    BENCH_DATABASE_URL is used alone)."""
+    given = os.environ.get("BENCH_DATABASE_URL", "")
+    if given:
+        return {"runs": [run_one(given)]}
+    kinds = [k for k in os.environ.get("BENCH_DATABASES", "sqlite,postgresql").split(",") if k]
+    runs = []
+    for kind in kinds:
+        if kind == "postgresql":
+            with _Postgres() as url:
+                runs.append(run_one(url))
+        else:
+            runs.append(run_one(""))
+    return {"runs": runs}

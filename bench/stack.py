@@ -181,4 +181,7 @@ class Stack:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
         self.procs.clear()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP") == "1":
+            print(f"   logs kept in {self.workdir}", flush=True)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)

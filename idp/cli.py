@@ -729,6 +729,30 @@ def logout_deliver(retry_waiting: bool) -> None:
     click.echo(f"delivered {report.delivered}, retry later {report.retried}, failed {report.failed}")
 
 
+@main.command("prune")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted, delete nothing.")
+@click.option("--max-seconds", default=300, type=click.IntRange(1, 86400), show_default=True,
+              help="Stop deleting after this long (run again for the rest).")
+@with_appcontext
+def prune_command(dry_run: bool, max_seconds: int) -> None:
+    """Delete expired tokens and codes, and delivered mails and logout tokens older than
+    IDP_DELIVERED_RETENTION_DAYS (the worker does it every 10 minutes); print the rows per table."""
+    from idp.prune import prune
+
+    svc = services()
+    report = prune(svc.db.factory, retention_days=svc.settings.delivered_retention_days, dry_run=dry_run,
+                   time_limit=float(max_seconds))
+    verb = "would delete" if dry_run else "deleted"
+    for table, count in report.counts.items():
+        click.echo(f"{verb} {count} {table}")
+    if not report.complete:
+        click.echo(f"stopped after {max_seconds} s with rows left; run again")
+    if report.total and not dry_run:
+        with svc.db.transaction() as session:
+            svc.journal.record(session, actor=_cli_actor(), action="data:retention:prune",
+                               details={"counts": report.counts, "complete": report.complete})
+
+
 @main.command("worker")
 @click.option("--burst", is_flag=True, help="Deliver what is due, run the queued jobs, then exit.")
 def worker(burst: bool) -> None:

@@ -124,6 +124,9 @@ class Settings:
     # answer, and tries per logout token (backoff as for mail) before it is marked failed.
     backchannel_timeout: int = 5
     backchannel_max_attempts: int = 10
+    # Sent (or failed) outbox mails and delivered (or failed) back-channel logouts are
+    # deleted this many days later (idp/prune.py); pending ones never.
+    delivered_retention_days: int = 30
     # Account-sharing signals (policy 5.2.1), flagged to the security officer: more live
     # sessions than this (when no restriction sets a session limit), ...
     sharing_max_sessions: int = 3

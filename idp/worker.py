@@ -91,6 +91,22 @@ def schedule_directory_sync(redis: Redis, queue: Queue, interval: float = DIRECT
     return True
 
 
+# Expired tokens and codes, and old delivered mails and logout tokens, are deleted
+# (idp/prune.py) every 10 minutes; one worker queues it per interval. A run stops after
+# idp.prune.TIME_LIMIT (5 min), well inside the interval, and the next one goes on.
+PRUNE_JOB = "idp.prune.prune_job"
+PRUNE_SCHEDULE_KEY = "darbaza:worker:prune-scheduled"
+PRUNE_INTERVAL = 600
+
+
+def schedule_prune(redis: Redis, queue: Queue, interval: float = PRUNE_INTERVAL) -> bool:
+    """Queue the pruning run unless a worker already did in this interval."""
+    if not redis.set(PRUNE_SCHEDULE_KEY, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
+        return False
+    queue.enqueue(PRUNE_JOB, job_timeout=900, result_ttl=60, failure_ttl=7 * 86400)
+    return True
+
+
 class DeliveryScheduler(threading.Thread):
     """Calls ``schedule_deliveries`` every ``interval`` seconds until ``stop``."""
 
@@ -108,6 +124,7 @@ class DeliveryScheduler(threading.Thread):
                 schedule_deliveries(self.redis, self.queue, self.interval)
                 schedule_session_sweep(self.redis, self.queue)
                 schedule_case_escalation(self.redis, self.queue)
+                schedule_prune(self.redis, self.queue)
                 if self.directory:
                     schedule_directory_sync(self.redis, self.queue)
             except RedisError as exc:
@@ -135,6 +152,7 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
         schedule_deliveries(redis, queue, poll_seconds)
         schedule_session_sweep(redis, queue)
         schedule_case_escalation(redis, queue)
+        schedule_prune(redis, queue)
         if directory:
             schedule_directory_sync(redis, queue)
     else:

@@ -15,8 +15,11 @@ case "$cmd" in
     rm -rf "$dir"; mkdir -p "$dir"
     [ "$(id -u)" = 0 ] && chown postgres "$dir"
     "${runas[@]}" "$bindir/initdb" -D "$dir/data" -U darbaza --auth=trust -E UTF8 >/dev/null
+    # Tests trade durability for speed; benchmarks (PG_DURABLE=1) keep PostgreSQL's defaults.
+    fast="-c fsync=off -c synchronous_commit=off"
+    [ "${PG_DURABLE:-0}" = 1 ] && fast=""
     "${runas[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
-      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200" start >/dev/null
+      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $fast -c max_connections=200" start >/dev/null
     "${runas[@]}" "$bindir/createdb" -h 127.0.0.1 -p "$port" -U darbaza darbaza_test
     echo "postgresql+psycopg://darbaza@127.0.0.1:$port/darbaza_test"
     ;;

@@ -122,7 +122,7 @@ class AuthorizationCode(Base):
     sid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # P4: expiry counts from issue time, not from auth_time.
     issued_at: Mapped[int] = mapped_column(Integer)
-    expires_at: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[int] = mapped_column(Integer, index=True)
     used_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     # --- Authlib AuthorizationCodeMixin ---------------------------------------
@@ -162,7 +162,7 @@ class RefreshToken(Base):
     acr: Mapped[str | None] = mapped_column(String(64), nullable=True)
     issued_at: Mapped[int] = mapped_column(Integer)
     # Absolute lifetime of the whole family (ASVS 10.4.8): rotation never extends it.
-    expires_at: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[int] = mapped_column(Integer, index=True)
     used_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     revoked_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
@@ -197,7 +197,7 @@ class AccessToken(Base):
     sid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     scope: Mapped[str] = mapped_column(Text, default="")
     issued_at: Mapped[int] = mapped_column(Integer)
-    expires_at: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[int] = mapped_column(Integer, index=True)
     revoked_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     def check_client(self, client: Client) -> bool:

@@ -108,8 +108,9 @@ class _DarbazaGrantMixin:
             self.svc.backchannel.remember_app(context.sid, self.request.client.client_id)
         # R14 / R27 race: the code or refresh token behind this family was replayed while
         # these tokens were being minted; that revocation may have run before they
-        # existed, so revoke them now.
-        if self.svc.redis.exists(_burnt_key(context.family_id)):
+        # existed, so revoke them now. (A client-credentials family is new: nothing
+        # behind it can be replayed.)
+        if user is not None and self.svc.redis.exists(_burnt_key(context.family_id)):
             self.server.tokens.revoke_family(session, context.family_id)
             session.commit()
         return token
