@@ -60,7 +60,8 @@ class Journal:
         details: dict[str, Any] | None = None,
     ) -> AuditEvent:
         # Take the write lock first (UPDATE), then read the head: no two writers can
-        # read the same head, on SQLite or PostgreSQL.
+        # read the same head, on SQLite or PostgreSQL. Migration 0012 creates the head
+        # row, so the insert below only serves databases made without the migrations.
         locked = session.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1)).rowcount  # type: ignore[attr-defined]
         if locked != 1:
             session.add(AuditHead(id=1, seq=1, hash=GENESIS))

@@ -157,3 +157,26 @@ def test_several_processes_writing_keep_the_chain(server):
     assert len([e for e in events(server, "test:multiprocess")]) >= 50
     result = run(server, "audit", "verify")
     assert result.exit_code == 0, result.output
+
+
+def test_a_fresh_database_has_the_head_row_so_first_writers_never_collide(tmp_path):
+    """Two first events written at once on a fresh PostgreSQL database both inserted the
+    head row (a duplicate key, a 500 at sign-in). The migrations create it."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from idp.audit.journal import GENESIS, Journal
+    from idp.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT id, seq, hash FROM audit_head")).all() == [(1, 0, GENESIS)]
+        with Session(engine) as session:
+            first = Journal().record(session, actor="test", action="test:first")
+            session.commit()
+            assert first.seq == 1 and first.prev_hash == GENESIS
+    finally:
+        engine.dispose()
