@@ -206,7 +206,7 @@ SCENARIOS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., None], s
 
 
 def _driver(base: str, ctx: dict[str, Any], scenario: str, first: int, threads: int, seconds: float,
-            out: Any) -> None:
+            out: Any, go: Any) -> None:
     setup, step, _ = SCENARIOS[scenario]
     latencies: list[float] = []
     errors: list[str] = []
@@ -242,6 +242,9 @@ def _driver(base: str, ctx: dict[str, Any], scenario: str, first: int, threads: 
     for t in pool:
         t.start()
     ready.wait()
+    # Every driver process has its clients set up (sign-ins for the token scenarios):
+    # the parent samples the server's CPU time, then the measured window starts.
+    go.wait()
     start_at[0] = time.perf_counter()
     for t in pool:
         t.join(seconds + 60)
@@ -256,19 +259,21 @@ def drive(base: str, ctx: dict[str, Any], scenario: str, *, concurrency: int = C
     share = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     mp = multiprocessing.get_context("fork")
     queue = mp.Queue()
+    go = mp.Barrier(len(share) + 1)
     procs, first = [], 0
     for count in share:
-        procs.append(mp.Process(target=_driver, args=(base, ctx, scenario, first, count, seconds, queue)))
+        procs.append(mp.Process(target=_driver, args=(base, ctx, scenario, first, count, seconds, queue, go)))
         first += count
-    cpu_before = process_cpu_seconds(server_pid) if server_pid else 0.0
     began = time.perf_counter()
     for p in procs:
         p.start()
+    go.wait(timeout=600)
+    cpu_before = process_cpu_seconds(server_pid) if server_pid else 0.0
     results = [queue.get(timeout=seconds + 600) for _ in procs]
+    cpu = (process_cpu_seconds(server_pid) - cpu_before) if server_pid else 0.0
     for p in procs:
         p.join(30)
     wall = time.perf_counter() - began
-    cpu = (process_cpu_seconds(server_pid) - cpu_before) if server_pid else 0.0
     latencies = sorted(x for r in results for x in r["latencies"])
     errors = [e for r in results for e in r["errors"]]
     n = len(latencies)

@@ -19,7 +19,7 @@ from sqlalchemy import (
     UniqueConstraint,
     event,
 )
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relationship
 
 from idp.db import Base
 
@@ -336,3 +336,12 @@ class ObligationAcceptance(Base):
     ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
     locale: Mapped[str] = mapped_column(String(8), default="ky")
     obligation: Mapped[Obligation] = relationship(lazy="joined")
+
+
+def load_account(session: Session, user_id: int) -> User | None:
+    """The account with its roles (and their permissions) and classes in ONE query, for
+    the hot protocol paths (token, refresh, userinfo, introspection), where the default
+    per-relationship loading costs four (bench/load.py; docs in README "Performance")."""
+    return session.get(
+        User, user_id, options=[joinedload(User.roles).joinedload(Role.grants), joinedload(User.classes)]
+    )

@@ -27,7 +27,7 @@ from idp.access.decision import (
     decide_for,
     protocol_description,
 )
-from idp.accounts.models import User
+from idp.accounts.models import User, load_account
 from idp.oidc.models import AccessToken, AuthorizationCode, Client, RefreshToken, token_hash
 from idp.oidc.tokens import GrantContext, InvalidAccessToken, new_family_id
 from idp.services import Services
@@ -219,7 +219,7 @@ class CodeGrant(_DarbazaGrantMixin, grants.AuthorizationCodeGrant):
         return None
 
     def authenticate_user(self, authorization_code: AuthorizationCode) -> User | None:
-        user = self.svc.db.session.get(User, authorization_code.user_id)
+        user = load_account(self.svc.db.session, authorization_code.user_id)
         return user if user is not None and user.can_sign_in else None
 
     def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
@@ -300,7 +300,7 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
         lasting reason (the app, the validity, 2FA): its family is revoked too. Allowed:
         the scopes to grant (school-only ones need the person seen inside)."""
         self._granted_scope = scope
-        user = self.svc.db.session.get(User, row.user_id) if row.user_id is not None else None
+        user = load_account(self.svc.db.session, row.user_id) if row.user_id is not None else None
         # Held for authenticate_user: the session's identity map holds objects weakly, and
         # loading the account again costs five queries.
         self._account = user
@@ -321,8 +321,8 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
         if refresh_token.user_id is None:
             return None
         held: User | None = getattr(self, "_account", None)
-        user = held if held is not None and held.id == refresh_token.user_id else self.svc.db.session.get(
-            User, refresh_token.user_id)
+        user = held if held is not None and held.id == refresh_token.user_id else load_account(
+            self.svc.db.session, refresh_token.user_id)
         if user is None or not user.can_sign_in:
             return None
         return user
@@ -421,7 +421,7 @@ class Introspection(IntrospectionEndpoint):
 
     def introspect_token(self, token: Any) -> dict[str, Any]:
         session = self.server.svc.db.session
-        user = session.get(User, token.user_id) if token.user_id else None
+        user = load_account(session, token.user_id) if token.user_id else None
         if token.user_id and (user is None or not user.can_sign_in):
             return {"active": False}
         data: dict[str, Any] = {

@@ -24,8 +24,9 @@ from flask_wtf import FlaskForm
 from wtforms import HiddenField, SubmitField
 
 from idp.access.decision import AUTHORIZE, context_for, decide_for, protocol_description
-from idp.accounts.models import User
+from idp.accounts.models import User, load_account
 from idp.audit.web import audit_event
+from idp.login.flow import acr_for
 from idp.login.refusal import refusal_page
 from idp.oidc.authorize import (
     AccessRefused,
@@ -288,7 +289,7 @@ def run_authorization(params: dict[str, str], repeated: set[str], flow_id: str |
         user=user,
         auth_time=int(session["auth_time"]),
         amr=list(session.get("amr", [])),
-        acr=session.get("acr"),
+        acr=acr_for(list(session.get("amr", []))),
         sid=session.get("sid"),
         lifetime=svc.settings.code_lifetime,
     )
@@ -374,7 +375,7 @@ def consent() -> Any:
         user=user,
         auth_time=int(session["auth_time"]),
         amr=list(session.get("amr", [])),
-        acr=session.get("acr"),
+        acr=acr_for(list(session.get("amr", []))),
         sid=session.get("sid"),
         lifetime=svc.settings.code_lifetime,
     )
@@ -450,7 +451,7 @@ def userinfo() -> Response:
         return _bearer_error("invalid_token", "The access token is not valid.", 401)
     if record.user_id is None or "openid" not in record.scope.split():
         return _bearer_error("insufficient_scope", "The openid scope is required.", 403)
-    user = db.get(User, record.user_id)
+    user = load_account(db, record.user_id)
     if user is None or not user.can_sign_in:
         return _bearer_error("invalid_token", "The access token is not valid.", 401)
     client = oauth_server().query_client(record.client_id)
