@@ -212,6 +212,7 @@ def _driver(base: str, ctx: dict[str, Any], scenario: str, first: int, threads: 
     errors: list[str] = []
     lock = threading.Lock()
     ready = threading.Barrier(threads + 1)
+    started = threading.Event()
     start_at: list[float] = [0.0]
 
     def worker(index: int) -> None:
@@ -223,6 +224,7 @@ def _driver(base: str, ctx: dict[str, Any], scenario: str, first: int, threads: 
                 errors.append(f"setup: {exc}")
             state = None
         ready.wait()
+        started.wait()
         own: list[float] = []
         own_errors: list[str] = []
         while state is not None and time.perf_counter() < start_at[0] + seconds:
@@ -246,6 +248,7 @@ def _driver(base: str, ctx: dict[str, Any], scenario: str, first: int, threads: 
     # the parent samples the server's CPU time, then the measured window starts.
     go.wait()
     start_at[0] = time.perf_counter()
+    started.set()
     for t in pool:
         t.join(seconds + 60)
     out.put({"latencies": latencies, "errors": errors})
@@ -314,7 +317,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cpu = r["server_cpu_s_per_1000"]
         lines.append(f"{r['scenario']:<20}{r['rps']:>9}{r['p50_ms']:>9}{r['p95_ms']:>9}{r['p99_ms']:>9}"
-                     f"{cpu if cpu is not None else '-':>10}{r['errors']:>8}{r.get('ratio', ''):>8}")
+                     f"{cpu if cpu is not None else '-':>10}{r['errors']:>8}{r.get('ratio') if r.get('ratio') is not None else '-':>8}")
     return "\n".join(lines)
 
 

@@ -176,10 +176,11 @@ def one_session(redis: Redis, uid: int, sessions: int) -> dict[str, Any]:
     from idp.sessions.records import DEADLINES, apps_key, index_key, sid_key
     from idp.sessions.signals import devices_key
 
-    members = [_text(m) for m in redis.smembers(index_key(uid))]
-    if not members:
+    sids = [_text(m) for m in redis.zrange(index_key(uid), 0, -1)]  # type: ignore[arg-type,union-attr]
+    found = redis.get(sid_key(sids[0])) if sids else None
+    if not found:
         return {}
-    session_key = members[0]
+    session_key = _text(found)
     data = json.loads(redis.get(session_key) or b"{}")
     sid = str(data.get("sid", ""))
     keys = {

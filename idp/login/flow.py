@@ -5,6 +5,7 @@ concurrent-session limit, and ends what a sign-out must end."""
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = ["SessionLimitReached", "acr_for", "complete_sign_in", "end_current_se
 
 
 def acr_for(amr: list[str]) -> str:
+    """The acr of what was done; the session keeps only ``amr`` and derives its acr."""
     # N26: the acr says what was really done. "mfa" is added only by the pending chain
     # (idp/login/pending.py) when a second factor was verified, or by a passkey with
     # user verification (possession plus the device's PIN or biometric).
@@ -37,11 +39,12 @@ def acr_for(amr: list[str]) -> str:
 def complete_sign_in(user: User, amr: list[str]) -> None:
     """Start a fresh authenticated session (ASVS 7.2.4: new id at every authentication).
 
-    The session records where it comes from (IP, User-Agent, a device label, the named
-    network) and its own idle and absolute timeouts from the session policy; it is
-    created in Redis here, atomically within the account's limit of concurrent
-    sessions. At the limit the policy either refuses (``SessionLimitReached`` is raised
-    and nothing changes) or ends the oldest session the normal way. Commits."""
+    The session records where it comes from (IP, a device label parsed from the
+    User-Agent, the named network) and its own idle and absolute timeouts from the
+    session policy (when they differ from the defaults); it is created in Redis here,
+    atomically within the account's limit of concurrent sessions. At the limit the
+    policy either refuses (``SessionLimitReached`` is raised and nothing changes) or
+    ends the oldest session the normal way. Commits."""
     svc = services()
     db = svc.db.session
     now = time.time()
@@ -50,21 +53,30 @@ def complete_sign_in(user: User, amr: list[str]) -> None:
     policy = session_policy(db, user, ip=ip, now=svc.clock(), settings=svc.settings)
     sid = secrets.token_urlsafe(24)
     data: dict[str, Any] = {k: session[k] for k in ("lang", "ui_locales") if k in session}
+    # Compact on purpose (Redis bytes per session, docs/capacity.md): whole seconds where
+    # a second is precise enough; ``authenticated_at`` to the millisecond, rounded up so
+    # that a sign-in is never dated before a flow that started just before it
+    # (prompt=login, ``idp/oidc/authorize.py``); no ``acr`` (``acr_for(amr)`` says it);
+    # timeouts only when they differ from the settings' defaults (the readers fall back
+    # to those, ``idp/sessions/records.py``).
     data.update(
         uid=user.id,
         sid=sid,
         auth_time=int(now),
-        authenticated_at=now,
-        last_seen=now,
+        authenticated_at=math.ceil(now * 1000) / 1000,
+        last_seen=int(now),
         amr=amr,
-        acr=acr_for(amr),
         ip=ip,
-        ua=user_agent,
+        # The device label only, not the raw User-Agent: the label is what "My sessions",
+        # the console, breach cases, sharing signals and the new-device notice show and
+        # compare; nothing reads the raw header.
         device=describe_device(user_agent),
         network=network_of(ip, svc.settings.networks),
-        idle_timeout=policy.idle_timeout,
-        absolute_timeout=policy.absolute_timeout,
     )
+    if policy.idle_timeout != svc.settings.session_idle_timeout:
+        data["idle_timeout"] = policy.idle_timeout
+    if policy.absolute_timeout != svc.settings.session_absolute_timeout:
+        data["absolute_timeout"] = policy.absolute_timeout
     token = secrets.token_urlsafe(32)
     try:
         evicted, replaced = svc.sessions.create(
@@ -87,6 +99,13 @@ def complete_sign_in(user: User, amr: list[str]) -> None:
         svc.sessions.finish(db, replaced)
     session.adopt(token, data)  # type: ignore[attr-defined]
     login_user(user)
+    # flask-login's "_id" (a hash of IP and User-Agent) is read only by its session
+    # protection, which is off (idp/app.py: the id is rotated and checked server-side),
+    # and "_fresh" only by fresh_login_required / login_fresh, which are not used: both
+    # would be ~150 bytes of every session in Redis for nothing. "_user_id" stays (the
+    # user loader is given it).
+    session.pop("_id", None)
+    session.pop("_fresh", None)
     db.commit()
     _check_sharing(user, sid)
     _notice_new_device(user, data)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -123,13 +124,14 @@ def _mark_reauthenticated(amr: list[str]) -> None:
     as strong as the sign-in's (N26: a session is never reported stronger than it was)."""
     session.regenerate()  # type: ignore[attr-defined]
     now = time.time()
-    session["authenticated_at"] = now
-    session["last_seen"] = now
-    new_acr = acr_for(amr)
-    if _ACR_RANK.get(new_acr, 0) >= _ACR_RANK.get(str(session.get("acr")), 0):
+    session["authenticated_at"] = math.ceil(now * 1000) / 1000
+    session["last_seen"] = int(now)
+    # The session's acr is derived from its amr (idp/login/flow.py stores no "acr";
+    # one stored by an older version is dropped here).
+    session.pop("acr", None)
+    if _ACR_RANK.get(acr_for(amr), 0) >= _ACR_RANK.get(acr_for(list(session.get("amr", []))), 0):
         session["auth_time"] = int(now)
         session["amr"] = amr
-        session["acr"] = new_acr
 
 
 @bp.route("/login/reauth", methods=["GET", "POST"])

@@ -2,10 +2,12 @@
 ends, every portal app used from it that registered a ``backchannel_logout_uri`` is sent a
 signed logout token.
 
-``remember_app`` notes each app that got a code or tokens for a session (Redis set
-``sid-apps:{sid}``). ``queue_for_session`` (called by the session registry for every
-session that ends) stores one ``BackchannelLogoutDelivery`` per app in the caller's
-transaction, so a logout is queued exactly when the session end is committed.
+``remember_app`` notes each app that got a code or tokens for a session (Redis sorted
+set ``sid-apps:{sid}``, ``idp/sessions/records.py``). ``queue_for_session`` (called by
+the session registry for every session that ends) stores one
+``BackchannelLogoutDelivery`` per app in the caller's transaction, so a logout is
+queued exactly when the session end is committed; the registry then deletes
+``sid-apps:{sid}``.
 ``deliver_due`` (the worker's job ``deliver_backchannel_logouts``, or ``darbaza logout
 deliver``) POSTs the tokens with a short timeout and retries with growing delays, the way
 the mail outbox does (idp/delivery_queue.py); a retry sends a freshly minted token, since
@@ -15,6 +17,7 @@ a logout token lives two minutes.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -43,7 +46,7 @@ from idp.oidc.clients import is_loopback
 from idp.oidc.keys import build_key_service
 from idp.oidc.models import BackchannelLogoutDelivery, Client
 from idp.oidc.tokens import LOGOUT_TOKEN_LIFETIME, TokenService
-from idp.sessions.records import apps_key
+from idp.sessions.records import REMEMBER_APP, apps_key
 
 log = logging.getLogger("darbaza.backchannel")
 
@@ -109,10 +112,7 @@ class BackchannelLogout:
         """Note that ``client_id`` got a code or tokens for the browser session ``sid``."""
         if not sid or self.redis is None:
             return
-        pipe = self.redis.pipeline()
-        pipe.sadd(apps_key(sid), client_id)
-        pipe.expire(apps_key(sid), self.apps_ttl)
-        pipe.execute()
+        self.redis.eval(REMEMBER_APP, 1, apps_key(sid), client_id, int(time.time()), self.apps_ttl)
 
     # --- queueing -------------------------------------------------------------------
     def queue_for_session(

@@ -5,10 +5,17 @@ all use (no Flask here).
 Keys:
 
 - ``sess:{sha256(cookie)}`` -> the session's JSON (``idp/sessions/store.py``);
-- ``usess:{uid}`` -> set of the account's session keys;
+- ``usess:{uid}`` -> sorted set of the account's sids, scored by sign-in time
+  (``auth_time``); the session key is found through ``sid:{sid}``. (Until issue 8 it
+  was a plain set of session keys, 69 characters each and a hash table in Redis; such a
+  set is converted by ``INDEX_AS_ZSET`` wherever the index is written or listed.)
 - ``sid:{sid}`` -> the session key of the session with that ``sid`` (``sid`` is what
   tokens, codes and logout tokens carry);
-- ``sid-apps:{sid}`` -> set of the client_ids of portal apps used from the session;
+- ``sid-apps:{sid}`` -> sorted set of the client_ids of portal apps used from the
+  session, scored by first use (a compact listpack in Redis; until issue 8 a plain set,
+  a hash table before Redis 7.2 — ``app_ids`` reads both, ``REMEMBER_APP`` adds to both)
+  (deleted when the session ends, once its back-channel logouts are queued;
+  ``SessionRegistry.finish``);
 - ``sess-deadlines`` -> sorted set, member ``"{uid}:{sid}"``, score the moment the session
   times out (idle or absolute), read by the sweep that ends timed-out sessions.
 
@@ -22,12 +29,50 @@ defaults from settings.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from typing import Any
+
+from redis import Redis
+from redis.exceptions import ResponseError
 
 DEADLINES = "sess-deadlines"
 IDLE = "idle"
 ABSOLUTE = "absolute"
+
+
+def dumps(data: dict[str, Any]) -> str:
+    """A session's JSON as stored: without the spaces of ``json.dumps``'s default
+    separators (every byte is paid per session, docs/capacity.md)."""
+    return json.dumps(data, separators=(",", ":"))
+
+
+# A Lua function for the scripts that touch an account's index: an index written before
+# issue 8 (a Redis set of session keys) becomes the sorted set of sids by sign-in time,
+# keeping its expiry; sessions that are gone are left out.
+INDEX_AS_ZSET = """
+local function index_as_zset(index)
+  if redis.call('TYPE', index).ok ~= 'set' then return end
+  local old = redis.call('SMEMBERS', index)
+  local ttl = redis.call('TTL', index)
+  redis.call('DEL', index)
+  for _, k in ipairs(old) do
+    local raw = redis.call('GET', k)
+    if raw then
+      local ok, d = pcall(cjson.decode, raw)
+      if ok and type(d) == 'table' and type(d['sid']) == 'string' then
+        redis.call('ZADD', index, tonumber(d['auth_time']) or 0, d['sid'])
+      end
+    end
+  end
+  if ttl > 0 and redis.call('EXISTS', index) == 1 then redis.call('EXPIRE', index, ttl) end
+end
+"""
+# Convert an account's index if it is in the old format. KEYS: 1 the index.
+CONVERT_INDEX = INDEX_AS_ZSET + """
+index_as_zset(KEYS[1])
+return 1
+"""
 
 
 def session_key(token: str) -> str:
@@ -45,6 +90,28 @@ def sid_key(sid: str) -> str:
 
 def apps_key(sid: str) -> str:
     return f"sid-apps:{sid}"
+
+
+# Note a portal app used from a session. KEYS: 1 the session's apps. ARGV: 1 the
+# client_id, 2 now, 3 the key's lifetime. A set of the format before issue 8 stays one.
+REMEMBER_APP = """
+if redis.call('TYPE', KEYS[1]).ok == 'set' then
+  redis.call('SADD', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+def app_ids(redis: Redis, sid: str) -> set[str]:
+    """The client_ids of the portal apps used from the session ``sid`` (either format)."""
+    try:
+        members: list[bytes | str] = redis.zrange(apps_key(sid), 0, -1)  # type: ignore[assignment]
+    except ResponseError:  # a plain set, written before issue 8
+        members = list(redis.smembers(apps_key(sid)))  # type: ignore[arg-type]
+    return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
 
 def deadline_member(user_id: int | str, sid: str) -> str:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redis import Redis
-from redis.exceptions import WatchError
+from redis.exceptions import ResponseError, WatchError
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
@@ -40,11 +40,15 @@ from idp.oidc.models import AccessToken, RefreshToken
 from idp.oidc.tokens import TokenService
 from idp.sessions.records import (
     ABSOLUTE,
+    CONVERT_INDEX,
     DEADLINES,
     IDLE,
+    INDEX_AS_ZSET,
+    app_ids,
     apps_key,
     deadline,
     deadline_member,
+    dumps,
     index_key,
     parse_deadline_member,
     session_key,
@@ -68,22 +72,25 @@ SWEEP_BATCH = 500
 # sign-ins never more than the limit succeed. KEYS: 1 the account's index, 2 the new
 # session key, 3 sid -> key, 4 the key this browser had (the new key when none), 5 the
 # deadlines. ARGV: 1 data, 2 ttl, 3 the limit (-1: none), 4 what to do at the limit,
-# 5 deadline member, 6 deadline, 7 the index's lifetime, 8 the account id.
+# 5 deadline member, 6 deadline, 7 the index's lifetime, 8 the account id, 9 the new
+# sid, 10 its sign-in time.
 # Returns {1, live sessions before, replaced session or '', ended sessions...} or
 # {0, live sessions} when the sign-in is refused (nothing is changed then).
-CREATE = """
+CREATE = INDEX_AS_ZSET + """
+index_as_zset(KEYS[1])
 local live = {}
-for _, k in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local raw = redis.call('GET', k)
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local k = redis.call('GET', 'sid:' .. sid)
+  local raw = k and redis.call('GET', k)
   local keep = false
   if raw and k ~= KEYS[4] then
     local ok, d = pcall(cjson.decode, raw)
-    if ok and type(d) == 'table' and tostring(d['uid']) == ARGV[8] then
-      table.insert(live, {k, tonumber(d['auth_time']) or 0, d['sid'], raw})
+    if ok and type(d) == 'table' and tostring(d['uid']) == ARGV[8] and d['sid'] == sid then
+      table.insert(live, {k, tonumber(d['auth_time']) or 0, sid, raw})
       keep = true
     end
   end
-  if not keep and k ~= KEYS[4] then redis.call('SREM', KEYS[1], k) end
+  if not keep and k ~= KEYS[4] then redis.call('ZREM', KEYS[1], sid) end
 end
 local limit = tonumber(ARGV[3])
 local result = {1, #live, ''}
@@ -93,11 +100,9 @@ if limit >= 0 and #live >= limit then
   for i = 1, #live - limit + 1 do
     local s = live[i]
     redis.call('DEL', s[1])
-    redis.call('SREM', KEYS[1], s[1])
-    if type(s[3]) == 'string' then
-      redis.call('DEL', 'sid:' .. s[3])
-      redis.call('ZREM', KEYS[5], ARGV[8] .. ':' .. s[3])
-    end
+    redis.call('ZREM', KEYS[1], s[3])
+    redis.call('DEL', 'sid:' .. s[3])
+    redis.call('ZREM', KEYS[5], ARGV[8] .. ':' .. s[3])
     table.insert(result, s[4])
   end
 end
@@ -105,12 +110,13 @@ if KEYS[4] ~= KEYS[2] then
   local old = redis.call('GET', KEYS[4])
   if old then
     redis.call('DEL', KEYS[4])
-    redis.call('SREM', KEYS[1], KEYS[4])
+    local ok, d = pcall(cjson.decode, old)
+    if ok and type(d) == 'table' and type(d['sid']) == 'string' then redis.call('ZREM', KEYS[1], d['sid']) end
     result[3] = old
   end
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-redis.call('SADD', KEYS[1], KEYS[2])
+redis.call('ZADD', KEYS[1], ARGV[10], ARGV[9])
 if redis.call('TTL', KEYS[1]) < tonumber(ARGV[7]) then redis.call('EXPIRE', KEYS[1], ARGV[7]) end
 redis.call('SET', KEYS[3], KEYS[2], 'EX', ARGV[2])
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
@@ -119,12 +125,14 @@ return result
 
 # Remove one session if it is still there; only the caller that removed it goes on to
 # revoke and notify (so two parallel "end" clicks send one logout). KEYS: 1 session
-# key, 2 sid -> key, 3 index, 4 deadlines. ARGV: 1 deadline member. Returns the data.
-REMOVE = """
+# key, 2 sid -> key, 3 index, 4 deadlines. ARGV: 1 deadline member, 2 the sid. Returns
+# the data.
+REMOVE = INDEX_AS_ZSET + """
+index_as_zset(KEYS[3])
 local raw = redis.call('GET', KEYS[1])
 redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], KEYS[1])
+redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('ZREM', KEYS[4], ARGV[1])
 return raw
 """
@@ -160,7 +168,6 @@ class SessionInfo:
     apps: list[str] = field(default_factory=list)
     idle_timeout: int | None = None
     absolute_timeout: int | None = None
-    ua: str | None = None
     # When it times out unless used again, and by which limit ("idle" or "absolute").
     expires_at: float | None = None
     ends_by: str | None = None
@@ -199,6 +206,7 @@ class SessionRegistry:
         self.absolute_timeout = absolute_timeout or settings.session_absolute_timeout
         self._create = redis.register_script(CREATE)
         self._remove = redis.register_script(REMOVE)
+        self._convert_index = redis.register_script(CONVERT_INDEX)
 
     # --- reading ------------------------------------------------------------------------
     def _deadline(self, data: dict[str, Any], now: float) -> tuple[float, str]:
@@ -206,14 +214,19 @@ class SessionRegistry:
 
     def _info(self, key: str, data: dict[str, Any], now: float) -> SessionInfo:
         sid = data.get("sid")
-        apps = sorted(_text(a) for a in self.redis.smembers(apps_key(sid))) if sid else []
+        apps = sorted(app_ids(self.redis, sid)) if sid else []
         idle, absolute = timeouts(data, idle_default=self.idle_timeout, absolute_default=self.absolute_timeout)
         ends, kind = self._deadline(data, now)
+        # ``last_seen`` is stored in whole seconds (rounded down); the sign-in itself, to
+        # the millisecond, is the better figure until the session is used again (the
+        # sharing check compares sessions seen within a window of seconds).
+        seen = [t for t in (data.get("last_seen"), data.get("authenticated_at"))
+                if isinstance(t, int | float) and not isinstance(t, bool)]
         return SessionInfo(
             key=key,
             sid=sid,
             auth_time=data.get("auth_time"),
-            last_seen=data.get("last_seen"),
+            last_seen=max(seen) if seen else None,
             amr=[str(m) for m in data.get("amr", [])],
             ip=data.get("ip"),
             device=data.get("device"),
@@ -221,23 +234,36 @@ class SessionRegistry:
             apps=apps,
             idle_timeout=idle,
             absolute_timeout=absolute,
-            ua=data.get("ua"),
             expires_at=ends,
             ends_by=kind,
         )
+
+    def _sids(self, index: str) -> builtins.list[str]:
+        """The sids in an account's index, oldest sign-in first; an index written before
+        issue 8 (a plain set of session keys) is converted first."""
+        try:
+            members: builtins.list[bytes] = self.redis.zrange(index, 0, -1)  # type: ignore[assignment]
+        except ResponseError:
+            self._convert_index(keys=[index])
+            members = self.redis.zrange(index, 0, -1)  # type: ignore[assignment]
+        return [_text(m) for m in members]
 
     def list(self, user_id: int) -> list[SessionInfo]:
         """The account's live sessions, newest sign-in first."""
         found: list[SessionInfo] = []
         now = time.time()
-        for raw_key in self.redis.smembers(index_key(user_id)):
-            key = _text(raw_key)
-            raw = self.redis.get(key)
-            if raw is None:
-                self.redis.srem(index_key(user_id), key)
+        index = index_key(user_id)
+        sids = self._sids(index)
+        keys = [_text(k) if k else None for k in self.redis.mget([sid_key(s) for s in sids])] if sids else []
+        raws = self.redis.mget([k for k in keys if k]) if any(keys) else []
+        by_key = dict(zip([k for k in keys if k], raws, strict=True))
+        for sid, key in zip(sids, keys, strict=True):
+            raw = by_key.get(key) if key else None
+            if key is None or raw is None:
+                self.redis.zrem(index, sid)
                 continue
             data: dict[str, Any] = json.loads(raw)
-            if data.get("uid") != user_id:
+            if data.get("uid") != user_id or data.get("sid") != sid:
                 continue
             if self._deadline(data, now)[0] <= now:
                 continue  # timed out; the sweep ends it
@@ -278,13 +304,13 @@ class SessionRegistry:
                 data = json.loads(raw)
                 if data.get("sid") != sid or moment - float(data.get("last_seen") or 0) < TOUCH_INTERVAL:
                     return
-                data["last_seen"] = moment
+                data["last_seen"] = int(moment)
                 ends, _kind = self._deadline(data, moment)
                 if ends <= moment:
                     return
                 ttl = ttl_until(ends, moment)
                 pipe.multi()
-                pipe.set(key, json.dumps(data), ex=ttl)
+                pipe.set(key, dumps(data), ex=ttl)
                 pipe.set(sid_key(sid), key, ex=ttl)
                 pipe.zadd(DEADLINES, {deadline_member(data["uid"], sid): ends})
                 pipe.execute()
@@ -323,7 +349,7 @@ class SessionRegistry:
                 DEADLINES,
             ],
             args=[
-                json.dumps(data),
+                dumps(data),
                 ttl_until(ends, now),
                 -1 if max_sessions is None else max(0, int(max_sessions)),
                 at_limit,
@@ -331,6 +357,8 @@ class SessionRegistry:
                 ends,
                 absolute,
                 str(user_id),
+                data["sid"],
+                int(data.get("auth_time") or now),
             ],
         )
         if int(result[0]) == 0:
@@ -352,7 +380,7 @@ class SessionRegistry:
     def _client_ids(self, db: Session, sid: str) -> set[str]:
         """The apps used from the session: those noted in Redis, and any that hold a
         token of it (should the Redis note be gone)."""
-        apps = {_text(a) for a in self.redis.smembers(apps_key(sid))}
+        apps = app_ids(self.redis, sid)
         for model in (RefreshToken, AccessToken):
             apps.update(db.scalars(select(model.client_id).where(model.sid == sid).distinct()))
         return apps
@@ -367,6 +395,10 @@ class SessionRegistry:
             self.backchannel.queue_for_session(
                 db, user_id=ended.user_id, sid=ended.sid, client_ids=sorted(self._client_ids(db, ended.sid))
             )
+        # The deliveries are built from it (above): the note of the apps used goes with
+        # the session instead of living on for up to the absolute timeout. (The session
+        # is already gone from Redis, so nothing would build them again anyway.)
+        self.redis.delete(apps_key(ended.sid))
 
     def _take(self, user_id: int, sid: str, key: str | None) -> EndedSession | None:
         """Remove the session from Redis; the removed session, or None when another
@@ -378,7 +410,7 @@ class SessionRegistry:
             self.redis.zrem(DEADLINES, deadline_member(user_id, sid))
             return None
         raw = self._remove(keys=[key, sid_key(sid), index_key(user_id), DEADLINES],
-                           args=[deadline_member(user_id, sid)])
+                           args=[deadline_member(user_id, sid), sid])
         if raw is None:
             return None
         data = json.loads(raw)
@@ -458,7 +490,7 @@ class SessionRegistry:
                 continue  # another sweeper has it
             if key_raw:
                 self._remove(keys=[_text(key_raw), sid_key(sid), index_key(user_id), DEADLINES],
-                             args=[deadline_member(user_id, sid)])
+                             args=[deadline_member(user_id, sid), sid])
             self.finish(db, EndedSession(user_id=user_id, sid=sid, data=data or {}))
             journal.record(
                 db,

@@ -26,8 +26,10 @@ from werkzeug.datastructures import CallbackDict
 
 from idp.sessions.records import (
     DEADLINES,
+    INDEX_AS_ZSET,
     deadline,
     deadline_member,
+    dumps,
     index_key,
     session_key,
     sid_key,
@@ -43,20 +45,28 @@ TOUCH_INTERVAL = 60
 # Write a signed-in session. KEYS: 1 the key to write, 2 the key it was read from (the
 # same unless the id was rotated), 3 the account's index, 4 sid -> key, 5 the deadlines.
 # ARGV: 1 data, 2 ttl, 3 "1" when the session must still exist (it was read from Redis
-# or created by the sign-in), 4 deadline member, 5 deadline, 6 the index's lifetime.
+# or created by the sign-in), 4 deadline member, 5 deadline, 6 the index's lifetime,
+# 7 the sid, 8 its sign-in time (the index's score).
 # Returns 0 when the session had been ended meanwhile (nothing is written).
-WRITE_SIGNED_IN = """
+WRITE_SIGNED_IN = INDEX_AS_ZSET + """
 if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+index_as_zset(KEYS[3])
 if KEYS[2] ~= KEYS[1] then
   redis.call('DEL', KEYS[2])
-  redis.call('SREM', KEYS[3], KEYS[2])
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('SADD', KEYS[3], KEYS[1])
+redis.call('ZADD', KEYS[3], ARGV[8], ARGV[7])
 if redis.call('TTL', KEYS[3]) < tonumber(ARGV[6]) then redis.call('EXPIRE', KEYS[3], ARGV[6]) end
 redis.call('SET', KEYS[4], KEYS[1], 'EX', ARGV[2])
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4])
 return 1
+"""
+
+# Take a session out of its account's index (either format). KEYS: 1 the index, 2 the
+# session key. ARGV: 1 the sid.
+DROP_FROM_INDEX = """
+if redis.call('TYPE', KEYS[1]).ok == 'set' then return redis.call('SREM', KEYS[1], KEYS[2]) end
+return redis.call('ZREM', KEYS[1], ARGV[1])
 """
 
 
@@ -116,6 +126,7 @@ class RedisSessionInterface(SessionInterface):
         # The __Host- prefix needs Secure; plain-http localhost gets an unprefixed name.
         self.cookie_name = "__Host-darbaza" if secure else "darbaza"
         self._write = redis.register_script(WRITE_SIGNED_IN)
+        self._drop_from_index = redis.register_script(DROP_FROM_INDEX)
 
     def _deadline(self, data: dict[str, Any], now: float) -> tuple[float, str]:
         return deadline(data, idle_default=self.idle_timeout, absolute_default=self.absolute_timeout, now=now)
@@ -140,12 +151,12 @@ class RedisSessionInterface(SessionInterface):
                 return RedisSession()
         session = RedisSession(data, token)
         if data.get("uid") is not None and now - data.get("last_seen", 0) > TOUCH_INTERVAL:
-            session["last_seen"] = now
+            session["last_seen"] = int(now)
         return session
 
     def _unindex(self, data: dict[str, Any], key: str) -> None:
-        if data.get("uid") is not None:
-            self.redis.srem(index_key(data["uid"]), key)
+        if data.get("uid") is not None and data.get("sid"):
+            self._drop_from_index(keys=[index_key(data["uid"]), key], args=[str(data["sid"])])
         if data.get("sid"):
             self.redis.delete(sid_key(data["sid"]))
 
@@ -189,7 +200,7 @@ class RedisSessionInterface(SessionInterface):
             pipe = self.redis.pipeline()
             if old_key != key:
                 pipe.delete(old_key)
-            pipe.set(key, json.dumps(dict(session)), ex=ANONYMOUS_TTL if session.get("uid") is None else self._ttl(session))
+            pipe.set(key, dumps(dict(session)), ex=ANONYMOUS_TTL if session.get("uid") is None else self._ttl(session))
             pipe.execute()
         if session.send_cookie:
             response.set_cookie(self.cookie_name, session.token, **cookie_kwargs)
@@ -204,6 +215,7 @@ class RedisSessionInterface(SessionInterface):
         must_exist = session.persisted_sid is not None and session.persisted_sid == data["sid"]
         self._write(
             keys=[key, old_key, index_key(data["uid"]), sid_key(data["sid"]), DEADLINES],
-            args=[json.dumps(data), ttl_until(ends, now), "1" if must_exist else "0",
-                  deadline_member(data["uid"], data["sid"]), ends, absolute],
+            args=[dumps(data), ttl_until(ends, now), "1" if must_exist else "0",
+                  deadline_member(data["uid"], data["sid"]), ends, absolute, data["sid"],
+                  int(data.get("auth_time") or now)],
         )

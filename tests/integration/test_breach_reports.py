@@ -24,7 +24,7 @@ from connectors.mail import SmtpTransport
 from idp.accounts.models import User
 from idp.audit.models import AuditEvent
 from idp.breach.models import BreachCase, BreachCaseStep
-from idp.breach.new_device import LINK_TTL, not_me_links, seen_key
+from idp.breach.new_device import LINK_TTL, SEEN_TTL, not_me_links, seen_key
 from idp.breach.service import step
 from idp.breach.views import PUBLIC_FREE_REPORTS, _public_throttle
 from idp.notify.models import OutboxMessage
@@ -374,6 +374,26 @@ def test_new_device_sign_in_sends_a_notice_whose_link_contains_once(server, make
     assert owner.submit(page, "/report/not-me/").status_code == 400
     with server.services.db.transaction() as session:
         assert len(list(session.scalars(select(BreachCase.id).where(BreachCase.user_id == person.id)))) == 1
+
+
+def test_known_devices_of_the_old_format_stay_known_and_unused_ones_are_forgotten(server, make_user):
+    """``seen-devices`` was a plain Redis set before it became a sorted set (device -> last
+    sign-in): a set written then is read (its devices stay known) and converted; a device
+    unused for 400 days is new again."""
+    person, address = person_with_mail(make_user)
+    redis = server.services.redis
+    key = seen_key(person.id)
+    redis.delete(key)
+    redis.sadd(key, "Chrome, Windows", "Mobile Safari, iOS, iPhone")  # the old format
+    signed_in_browser(server, person, CHROME_WINDOWS)
+    assert mails(server, "new_device_notice", address) == []
+    assert redis.type(key) == b"zset" and redis.zcard(key) == 2
+    assert SEEN_TTL - 60 <= redis.ttl(key) <= SEEN_TTL
+    # The iPhone was last used more than 400 days ago: forgotten, so its sign-in is new.
+    redis.zadd(key, {"Mobile Safari, iOS, iPhone": time.time() - SEEN_TTL - 60})
+    signed_in_browser(server, person, SAFARI_IPHONE)
+    assert len(mails(server, "new_device_notice", address)) == 1
+    assert redis.zscore(key, "Mobile Safari, iOS, iPhone") > time.time() - 60
 
 
 def test_not_me_link_expires(server, make_user):

@@ -26,8 +26,9 @@ from sqlalchemy import delete, select
 
 from idp.access.models import Restriction
 from idp.audit.models import AuditEvent
+from idp.breach.new_device import SEEN_TTL, seen_key
 from idp.oidc.models import AccessToken, BackchannelLogoutDelivery, RefreshToken
-from idp.sessions.records import DEADLINES, deadline
+from idp.sessions.records import DEADLINES, apps_key, deadline
 from tests.conftest import TEST_SECRET_KEY, LiveServer, free_port
 from tests.helpers import Browser, ClientInfo, UserInfo, form_fields
 
@@ -200,19 +201,30 @@ def test_a_sign_in_records_device_place_times_methods_and_its_own_timeouts(serve
     data = session_data(server, browser)
     assert data is not None and data["uid"] == person.id
     assert data["ip"] == "127.0.0.1"
-    assert data["ua"] == CHROME_WINDOWS
+    assert "ua" not in data  # the raw User-Agent is not kept, only the device label
     assert data["device"] == "Chrome 126, Windows 10"
     # The default named network holds loopback (IDP_NETWORKS: {"school": [127.0.0.0/8, ::1]}).
     assert data["network"] == "school"
-    assert data["idle_timeout"] == server.services.settings.session_idle_timeout
-    assert data["absolute_timeout"] == server.services.settings.session_absolute_timeout
+    # Timeouts equal to the settings' defaults are not stored (the readers fall back to
+    # them), nor flask-login's "_id"/"_fresh" or the acr (derived from amr): bytes per
+    # session in Redis (docs/capacity.md).
+    assert "idle_timeout" not in data and "absolute_timeout" not in data
+    assert not {"_id", "_fresh", "acr"} & set(data)
+    assert isinstance(data["last_seen"], int)
+    raw = server.services.redis.get(session_key_of(browser))
+    assert b'", "' not in raw and b'": ' not in raw  # compact JSON
+    # The devices known for the new-device notice are forgotten 400 days after the last
+    # sign-in (no key of an account lives for ever).
+    assert SEEN_TTL - 60 <= server.services.redis.ttl(seen_key(person.id)) <= SEEN_TTL == 400 * 86400
     assert data["amr"] == ["pwd"]
     assert before - 1 <= data["auth_time"] <= time.time() and before - 1 <= data["last_seen"] <= time.time() + 1
     # The registry lists the same, and the sweep knows when the session times out.
     [info] = server.services.sessions.list(person.id)
     assert (info.sid, info.device, info.network, info.ip) == (data["sid"], data["device"], "school", "127.0.0.1")
+    assert info.idle_timeout == server.services.settings.session_idle_timeout
+    assert info.absolute_timeout == server.services.settings.session_absolute_timeout
     score = server.services.redis.zscore(DEADLINES, f"{person.id}:{data['sid']}")
-    assert score is not None and abs(score - (data["last_seen"] + data["idle_timeout"])) < 2
+    assert score is not None and abs(score - (data["last_seen"] + info.idle_timeout)) < 2
 
 
 def test_a_restriction_gives_the_session_its_own_timeouts(server, make_user):
@@ -236,6 +248,35 @@ def test_the_apps_used_from_a_session_are_listed(server, make_user, make_client)
     assert info.apps == [client.client_id]
     page = browser.get("/account/sessions")
     assert page.status_code == 200 and "E-journal" in page.text
+    # A note of the format before issue 8 (a plain set) is read, and added to, all the same.
+    sid = info.sid
+    assert sid is not None
+    other = app_client(make_client, name="Library")
+    redis = server.services.redis
+    redis.delete(apps_key(sid))
+    redis.sadd(apps_key(sid), client.client_id)
+    tokens_via(browser, other, person)
+    assert redis.type(apps_key(sid)) == b"set"
+    [info] = server.services.sessions.list(person.id)
+    assert info.apps == sorted([client.client_id, other.client_id])
+
+
+def test_the_apps_note_goes_with_the_session_after_its_logouts_are_queued(server, make_user, make_client):
+    """An app that only got a code (no token in the database to find it by) is known from
+    ``sid-apps:{sid}`` alone: it is still told at sign-out, and the note is deleted then."""
+    person = make_user()
+    client = app_client(make_client, backchannel_logout_uri="http://127.0.0.1:9/backchannel")
+    browser = signed_in_browser(server, person)
+    params, _verifier, response = browser.authorize(client, person, scope="openid profile offline_access")
+    assert "code" in params, response.text[:500]
+    sid = session_data(server, browser)["sid"]  # type: ignore[index]
+    redis = server.services.redis
+    assert {a.decode() for a in redis.zrange(apps_key(sid), 0, -1)} == {client.client_id}
+    assert live_tokens(server, sid) == 0
+    page = browser.get("/")
+    assert browser.submit(page, "/logout").status_code == 200
+    assert deliveries(server, sid) == [client.client_id]
+    assert not redis.exists(apps_key(sid))
 
 
 # --- My sessions ---------------------------------------------------------------------------
@@ -523,6 +564,7 @@ def test_a_timed_out_session_is_ended_by_the_sweep_alone(server, make_user, make
     assert introspect(server.url, client, tokens["access_token"]) == {"active": False}
     assert live_tokens(server, sid) == 0
     assert deliveries(server, sid) == [client.client_id]
+    assert not svc.redis.exists(apps_key(sid))  # gone with the session
     assert events(server, person.id, "account:session:expire")[0].details["sid"] == sid
 
 
@@ -538,7 +580,7 @@ def test_a_refresh_is_activity_that_restarts_the_idle_clock(server, make_user, m
     assert refresh(server.url, client, tokens["refresh_token"]).status_code == 200
     data = session_data(server, browser)
     assert data is not None and time.time() - data["last_seen"] < 5
-    assert server.services.redis.ttl(session_key_of(browser)) > data["idle_timeout"] - 10
+    assert server.services.redis.ttl(session_key_of(browser)) > server.services.settings.session_idle_timeout - 10
     assert data["authenticated_at"] == signed_in_at  # the absolute clock goes on
 
 
@@ -569,6 +611,54 @@ def provider_env(server: LiveServer, database_url: str, redis_url: str) -> dict[
         "IDP_MAIL_TRANSPORT": "null",
     })
     return env
+
+
+def old_format_index(server: LiveServer, user_id: int, *browsers: Browser) -> str:
+    """The account's index as it was written before issue 8: a plain set of session keys."""
+    redis = server.services.redis
+    index = f"usess:{user_id}"
+    redis.delete(index)
+    redis.sadd(index, *[session_key_of(b) for b in browsers])
+    redis.expire(index, 3600)
+    return index
+
+
+def test_an_index_of_the_old_format_is_read_and_converted(server, make_user):
+    """``usess:{uid}`` is a sorted set of sids since issue 8; sessions signed in before a
+    deploy (a plain set of session keys) are listed, counted, swept and ended all the same."""
+    person = make_user()
+    laptop = signed_in_browser(server, person, CHROME_WINDOWS)
+    phone = signed_in_browser(server, person, SAFARI_IPHONE)
+    redis = server.services.redis
+    laptop_sid, phone_sid = session_data(server, laptop)["sid"], session_data(server, phone)["sid"]  # type: ignore[index]
+    index = f"usess:{person.id}"
+    assert redis.type(index) == b"zset" and {s.decode() for s in redis.zrange(index, 0, -1)} == {laptop_sid, phone_sid}
+    # Listed (My sessions): read and converted, expiry kept.
+    old_format_index(server, person.id, laptop, phone)
+    assert {i.sid for i in server.services.sessions.list(person.id)} == {laptop_sid, phone_sid}
+    assert redis.type(index) == b"zset" and redis.zcard(index) == 2 and 0 < redis.ttl(index) <= 3600
+    # Swept: the timed-out phone leaves the converted index.
+    rewrite_session(server, phone, last_seen=time.time() - 4000)
+    old_format_index(server, person.id, laptop, phone)
+    assert sweep(server) >= 1 and not is_signed_in(phone)
+    assert [s.decode() for s in redis.zrange(index, 0, -1)] == [laptop_sid]
+    # A request of the laptop writes its session (seen again after two minutes) back
+    # into an old-format index ...
+    rewrite_session(server, laptop, last_seen=int(time.time()) - 120)
+    old_format_index(server, person.id, laptop)
+    assert is_signed_in(laptop)
+    assert redis.type(index) == b"zset" and [s.decode() for s in redis.zrange(index, 0, -1)] == [laptop_sid]
+    assert time.time() - session_data(server, laptop)["last_seen"] < 5  # type: ignore[index]
+    # ... and a sign-in counts the sessions of an old-format index (limit 1: refused).
+    old_format_index(server, person.id, laptop)
+    restriction = add_restriction(server, person.id, max_sessions=1, at_session_limit="refuse")
+    try:
+        refused = browser_as(server.url, FIREFOX_UBUNTU).sign_in(person.login, person.password)
+        assert refused.status_code == 403
+    finally:
+        drop_restriction(server, restriction)
+    assert [i.sid for i in server.services.sessions.list(person.id)] == [laptop_sid]
+    assert redis.type(index) == b"zset"
 
 
 def test_the_worker_sweeps_timed_out_sessions(server, make_user, make_client, database_url, redis_url):
