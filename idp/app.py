@@ -132,6 +132,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         csrf.exempt(view)
 
     @app.before_request
+    def _session_store_reachable() -> None:
+        # The session store failed when the request began (idp/sessions/store.py): the
+        # RedisError handler below answers 503 (page or JSON).
+        from flask import session as flask_session
+
+        failure = getattr(flask_session, "unavailable", None)
+        if failure is not None:
+            raise failure
+
+    @app.before_request
     def _request_id() -> None:
         from flask import g
 

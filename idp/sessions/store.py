@@ -22,6 +22,7 @@ from typing import Any
 from flask import Flask, Request, Response
 from flask.sessions import SessionInterface, SessionMixin
 from redis import Redis
+from redis.exceptions import RedisError
 from werkzeug.datastructures import CallbackDict
 
 from idp.sessions.records import (
@@ -90,6 +91,10 @@ class RedisSession(CallbackDict, SessionMixin):  # type: ignore[type-arg]
         # The signed-in session (sid) this object was read as, or that the sign-in
         # created in Redis (``adopt``): its write-back requires it to still exist.
         self.persisted_sid: str | None = (initial or {}).get("sid") if (initial or {}).get("uid") else None
+        # Redis could not be read when the request began (down, or failing over): the
+        # request is answered 503 by the app (``raise_if_unavailable``) and nothing is
+        # written back.
+        self.unavailable: RedisError | None = None
         self.send_cookie = False
 
     def regenerate(self) -> None:
@@ -132,6 +137,17 @@ class RedisSessionInterface(SessionInterface):
         return deadline(data, idle_default=self.idle_timeout, absolute_default=self.absolute_timeout, now=now)
 
     def open_session(self, app: Flask, request: Request) -> RedisSession:
+        # Flask opens the session before any error handler can act: a Redis failure here
+        # would be werkzeug's bare 500. It is kept on the session and raised again inside
+        # the request, where the app answers a clear 503.
+        try:
+            return self._open(request)
+        except RedisError as exc:
+            session = RedisSession()
+            session.unavailable = exc
+            return session
+
+    def _open(self, request: Request) -> RedisSession:
         token = request.cookies.get(self.cookie_name)
         if not token or len(token) > 100:
             return RedisSession()
@@ -169,6 +185,8 @@ class RedisSessionInterface(SessionInterface):
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         assert isinstance(session, RedisSession)
+        if session.unavailable is not None:
+            return
         cookie_kwargs: dict[str, Any] = {
             "path": "/",
             "secure": self.secure,
