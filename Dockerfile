@@ -7,6 +7,9 @@ RUN npm install --silent --no-audit --no-fund --no-save --no-package-lock --pref
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# DejaVu Sans: Kyrgyz and Russian names on the PDF sign-in cards (IDP_CARD_FONT_FILE).
+RUN apt-get update && apt-get install -y --no-install-recommends fonts-dejavu-core \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md babel.cfg ./
 COPY idp ./idp
