@@ -10,6 +10,8 @@ from typing import Any
 
 from idp.access.networks import NetworkError, validate_networks
 
+DEVELOPMENT_SECRET_KEY = "dev-only-secret-change-me"  # noqa: S105 - a public placeholder, refused off loopback
+
 
 class SettingsError(ValueError):
     """A setting that cannot be used; the message names the variable and says why."""
@@ -34,7 +36,7 @@ class Settings:
     # Public URL of the provider; it is the OIDC issuer and must not end in a slash.
     issuer: str = "http://127.0.0.1:8000"
     # Signs CSRF tokens and derives the key that encrypts secrets at rest.
-    secret_key: str = "dev-only-secret-change-me"
+    secret_key: str = "dev-only-secret-change-me"  # DEVELOPMENT_SECRET_KEY: refused off loopback
     # Optional separate key (any string) that encrypts signing keys at rest.
     data_key: str = ""
     database_url: str = "sqlite:///var/darbaza.sqlite3"
@@ -206,9 +208,17 @@ class Settings:
         settings._check_networks()
         settings._check_support_hours()
         settings._check_redis()
-        if settings.issuer.startswith("http://127.0.0.1") or settings.issuer.startswith(
-            "http://localhost"
+        loopback = settings.issuer.startswith("http://127.0.0.1") or settings.issuer.startswith("http://localhost")
+        if not loopback and not settings.secret_key.strip() or (
+            not loopback and settings.secret_key == DEVELOPMENT_SECRET_KEY and not settings.testing
         ):
+            # The development value is public: CSRF tokens, sealed TOTP seeds and signing
+            # keys would rest on it. Only a loopback issuer (make run, tests) may use it.
+            raise SettingsError(
+                "IDP_SECRET_KEY must be set to a long random value when IDP_ISSUER is not a loopback "
+                "address (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"
+            )
+        if loopback:
             # Browsers refuse Secure cookies over plain http except on localhost; we
             # still keep the __Host- prefix semantics (Path=/, no Domain).
             if "IDP_COOKIE_SECURE" not in environ and "cookie_secure" not in overrides:
