@@ -182,7 +182,7 @@ def run() -> dict[str, object]:
               f"{incremental.entries_seen} entries read, in {inc_seconds:.2f} s", flush=True)
         if incremental.touched != len(changed):
             print(f"   WARNING: expected {len(changed)} accounts touched", file=sys.stderr)
-        database.engine.dispose()
+        database.dispose()
         redis.close()
     finally:
         if slapd is not None:

@@ -40,7 +40,7 @@ def seed(env: dict[str, str], *, users: int) -> dict[str, Any]:
             user.password_changed_at = first.password_changed_at
         ids = {"web": (web.client_id, web_secret), "machine": (machine.client_id, machine_secret)}
     svc.db.remove()
-    svc.db.engine.dispose()
+    svc.db.dispose()
     svc.redis.close()
     return {"clients": ids, "logins": logins, "password": PASSWORD, "redirect_uri": REDIRECT_URI,
             "argon2": {"time_cost": settings.argon2_time_cost, "memory_cost": settings.argon2_memory_cost,

@@ -44,6 +44,18 @@ class Database:
         self.engine = make_engine(url, pool_size)
         self.factory = sessionmaker(bind=self.engine, expire_on_commit=False)
         self.scoped = scoped_session(self.factory)
+        # Reads made in the middle of a request on a connection of their own (the signing
+        # keys' cache refresh) use a separate small pool: taken from the request pool, a
+        # request holding a connection (and perhaps a row lock) could wait for a second
+        # one while every other request waits for it — the whole pool stuck for its
+        # 30-second timeout. Engines connect lazily: processes that never need it pay nothing.
+        self.side_engine = make_engine(url, 1)
+        self.side_factory = sessionmaker(bind=self.side_engine, expire_on_commit=False)
+
+    def dispose(self) -> None:
+        """Close every pooled connection (both pools)."""
+        self.engine.dispose()
+        self.side_engine.dispose()
 
     @property
     def session(self) -> Session:

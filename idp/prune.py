@@ -185,7 +185,7 @@ def prune_job() -> dict[str, int]:
     try:
         report = prune(database.factory, retention_days=settings.delivered_retention_days)
     finally:
-        database.engine.dispose()
+        database.dispose()
     if report.total:
         log.info("pruned %s%s", report.summary(), "" if report.complete else " (time bound reached, more left)")
     return report.counts

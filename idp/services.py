@@ -66,7 +66,7 @@ class Services:
     def build(cls, settings: Settings) -> Services:
         db = Database(settings.database_url, settings.database_pool_size)
         redis = connect_redis(settings, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
-        keys = build_key_service(settings, db.factory)
+        keys = build_key_service(settings, db.side_factory)
         passwords = PasswordHashing(
             time_cost=settings.argon2_time_cost,
             memory_cost=settings.argon2_memory_cost,

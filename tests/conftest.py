@@ -162,7 +162,7 @@ def server(database_url: str, redis_url: str) -> Iterator[LiveServer]:
     yield live
     live.stop()
     svc.db.remove()
-    svc.db.engine.dispose()
+    svc.db.dispose()
     svc.redis.close()
 
 

@@ -860,5 +860,5 @@ def scheduled_sync() -> str | None:
         log.exception("directory sync job failed")
         return None
     finally:
-        database.engine.dispose()
+        database.dispose()
         redis.close()

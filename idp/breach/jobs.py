@@ -156,7 +156,7 @@ def escalate_breach_cases() -> int:
                                 journal=Journal(), outbox=build_outbox(settings))
             db.commit()
     finally:
-        database.engine.dispose()
+        database.dispose()
     for item in sent:
         log.info("breach case %d escalated (%s) to %d recipient(s)", item.case_id, item.stage, item.recipients)
     return len(sent)

@@ -49,7 +49,7 @@ def deliver_outbox() -> dict[str, int]:
     try:
         report = build_outbox(settings).deliver_due(database.factory, build_mail_transport(settings))
     finally:
-        database.engine.dispose()
+        database.dispose()
     if report.sent or report.retried or report.failed:
         log.info("outbox pass: %s", asdict(report))
     return asdict(report)

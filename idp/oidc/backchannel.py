@@ -265,7 +265,7 @@ def deliver_backchannel_logouts() -> dict[str, int]:
     try:
         report = build_backchannel(settings, database.factory).deliver_due(database.factory)
     finally:
-        database.engine.dispose()
+        database.dispose()
     if report.delivered or report.retried or report.failed:
         log.info("back-channel logout pass: %s", asdict(report))
     return asdict(report)

@@ -32,7 +32,7 @@ def sweep_sessions() -> int:
         with database.factory() as db:
             ended = build_registry(settings, database, redis).sweep_expired(db)
     finally:
-        database.engine.dispose()
+        database.dispose()
         redis.close()
     if ended:
         log.info("timed-out sessions ended: %d", ended)

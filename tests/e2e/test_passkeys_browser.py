@@ -42,7 +42,7 @@ def localhost_server(server: LiveServer, database_url: str, redis_url: str) -> I
         live.stop()
         svc = live.services
         svc.db.remove()
-        svc.db.engine.dispose()
+        svc.db.dispose()
         svc.redis.close()
 
 

@@ -583,7 +583,7 @@ def test_metrics_answer_loopback_or_the_bearer_token_only(server, database_url, 
     finally:
         live.stop()
         live.services.db.remove()
-        live.services.db.engine.dispose()
+        live.services.db.dispose()
         live.services.redis.close()
 
 

@@ -975,7 +975,7 @@ def test_k1_discovery(server, meta):
     finally:
         svc = app.extensions["darbaza"]
         svc.db.remove()
-        svc.db.engine.dispose()
+        svc.db.dispose()
         svc.redis.close()
 
 

@@ -71,7 +71,7 @@ def dir_server(server: LiveServer, database_url: str, redis_url: str, slapd_serv
     live.stop()
     forget_directory_accounts(live, slapd_server)
     live.services.db.remove()
-    live.services.db.engine.dispose()
+    live.services.db.dispose()
     live.services.redis.close()
 
 

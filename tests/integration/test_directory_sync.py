@@ -114,7 +114,7 @@ def directory_server(server: LiveServer, database_url: str, redis_url: str, slap
     yield live
     live.stop()
     live.services.db.remove()
-    live.services.db.engine.dispose()
+    live.services.db.dispose()
     live.services.redis.close()
 
 

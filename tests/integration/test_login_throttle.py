@@ -51,7 +51,7 @@ def _strict_server(database_url: str, redis_url: str, **overrides: object) -> Li
 def _stop(live: LiveServer) -> None:
     live.stop()
     live.services.db.remove()
-    live.services.db.engine.dispose()
+    live.services.db.dispose()
     live.services.redis.close()
 
 

@@ -80,7 +80,7 @@ def db(database_url: str) -> Iterator[Database]:
     with database.transaction() as session:
         session.execute(delete(OutboxMessage))
     yield database
-    database.engine.dispose()
+    database.dispose()
 
 
 @pytest.fixture

@@ -263,7 +263,7 @@ def test_garbage_and_expired_links_get_a_clear_page(server, make_user, database_
     finally:
         live.stop()
         live.services.db.remove()
-        live.services.db.engine.dispose()
+        live.services.db.dispose()
         live.services.redis.close()
 
 

@@ -137,7 +137,7 @@ def test_the_setting_decides_how_old_a_sign_in_may_be(server, make_user, databas
     finally:
         live.stop()
         live.services.db.remove()
-        live.services.db.engine.dispose()
+        live.services.db.dispose()
         live.services.redis.close()
 
 

@@ -151,7 +151,7 @@ def sentinel_server(sentinel_group: SentinelGroup, database_url: str, server: Li
     live.stop()
     svc: Services = app.extensions["darbaza"]
     svc.db.remove()
-    svc.db.engine.dispose()
+    svc.db.dispose()
     svc.redis.close()
 
 

@@ -57,7 +57,7 @@ def gate(server: LiveServer, database_url: str, redis_url: str) -> Iterator[Live
     yield live
     live.stop()
     live.services.db.remove()
-    live.services.db.engine.dispose()
+    live.services.db.dispose()
     live.services.redis.close()
 
 

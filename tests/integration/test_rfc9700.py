@@ -145,7 +145,7 @@ def https_app(server):
     )
     app = create_app(settings)
     yield app
-    app.extensions["darbaza"].db.engine.dispose()
+    app.extensions["darbaza"].db.dispose()
 
 
 # --- R1 ---------------------------------------------------------------------------------
@@ -865,7 +865,7 @@ def test_r30_proxy_fix_trusts_exactly_the_configured_hops(server):
                 environ_base={"REMOTE_ADDR": "10.0.0.1"},
             ).get_json()
         finally:
-            app.extensions["darbaza"].db.engine.dispose()
+            app.extensions["darbaza"].db.dispose()
         assert got == expect, (trusted, got)
 
 

@@ -71,7 +71,7 @@ def _start(database_url: str, redis_url: str, **overrides: object) -> LiveServer
 def _stop(live: LiveServer) -> None:
     live.stop()
     live.services.db.remove()
-    live.services.db.engine.dispose()
+    live.services.db.dispose()
     live.services.redis.close()
 
 

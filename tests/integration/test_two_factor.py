@@ -237,7 +237,7 @@ def test_a_code_is_accepted_once_even_by_a_second_server_process(server, make_us
     finally:
         svc = other.extensions["darbaza"]
         svc.db.remove()
-        svc.db.engine.dispose()
+        svc.db.dispose()
         svc.redis.close()
 
 
