@@ -272,16 +272,16 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
             raise InvalidScopeError()
         self._refresh_access(row, requested or row.scope)
         # Rotation with reuse detection (R14, ASVS 10.4.5): claim the token atomically;
-        # presenting an already-used token revokes the whole family. The claim and the
-        # new tokens are one transaction (committed in ``_issue``): a process that dies
-        # in between leaves the old token unused, never a family half rotated. The
-        # claim's row lock (PostgreSQL) or write lock (SQLite) makes a concurrent claim
-        # of the same token wait for this one and then find it used.
+        # presenting an already-used token revokes the whole family. The claim is
+        # committed at once, so its row lock is not held while the new tokens are
+        # minted (holding it made parallel refreshes of one token queue on the lock with
+        # their pooled connections; see the closing note of issue 8).
         claimed = session.execute(
             update(RefreshToken)
             .where(RefreshToken.id == row.id, RefreshToken.used_at.is_(None), RefreshToken.revoked_at.is_(None))
             .values(used_at=int(time.time()))
         ).rowcount  # type: ignore[attr-defined]
+        session.commit()
         if claimed != 1:
             self._burn_family(
                 row.family_id,
