@@ -87,18 +87,44 @@ def _path(location: str) -> str:
     return parts.path + ("?" + parts.query if parts.query else "")
 
 
-def sign_in(http_: Http, ctx: dict[str, Any], login: str, scope: str = "openid profile") -> dict[str, Any]:
-    """authorize -> login page -> password -> code -> token, as a browser and its app do."""
-    http_.cookies.clear()
-    client_id, secret = ctx["clients"]["web"]
+def authorize_path(ctx: dict[str, Any], scope: str) -> tuple[str, str]:
+    """An /authorize URL of the benchmark's web app (PKCE S256) and its code verifier."""
     verifier = secrets.token_urlsafe(48)
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     query = urllib.parse.urlencode({
-        "response_type": "code", "client_id": client_id, "redirect_uri": ctx["redirect_uri"], "scope": scope,
-        "state": secrets.token_hex(8), "nonce": secrets.token_hex(8), "code_challenge": challenge,
-        "code_challenge_method": "S256",
+        "response_type": "code", "client_id": ctx["clients"]["web"][0], "redirect_uri": ctx["redirect_uri"],
+        "scope": scope, "state": secrets.token_hex(8), "nonce": secrets.token_hex(8),
+        "code_challenge": challenge, "code_challenge_method": "S256",
     })
-    status, headers, _ = http_.request("GET", "/authorize?" + query)
+    return "/authorize?" + query, verifier
+
+
+def redeem(http_: Http, ctx: dict[str, Any], status: int, headers: dict[str, str], verifier: str,
+           what: str) -> dict[str, Any]:
+    """Follow the provider's redirects to the app's redirect URI and exchange its code."""
+    hops = 0
+    while status in (302, 303) and not headers["location"].startswith(ctx["redirect_uri"]):
+        hops += 1
+        if hops > 5:
+            raise HttpError("too many redirects")
+        status, headers, _ = http_.request("GET", _path(headers["location"]))
+    if status not in (302, 303):
+        raise HttpError(f"{what} {status}")
+    code = urllib.parse.parse_qs(urllib.parse.urlsplit(headers["location"]).query)["code"][0]
+    status, _, body = http_.form("/token", {"grant_type": "authorization_code", "code": code,
+                                            "redirect_uri": ctx["redirect_uri"], "code_verifier": verifier},
+                                 auth=tuple(ctx["clients"]["web"]))  # type: ignore[arg-type]
+    if status != 200:
+        raise HttpError(f"token {status}")
+    tokens: dict[str, Any] = json.loads(body)
+    return tokens
+
+
+def sign_in(http_: Http, ctx: dict[str, Any], login: str, scope: str = "openid profile") -> dict[str, Any]:
+    """authorize -> login page -> password -> code -> token, as a browser and its app do."""
+    http_.cookies.clear()
+    path, verifier = authorize_path(ctx, scope)
+    status, headers, _ = http_.request("GET", path)
     if status not in (302, 303):
         raise HttpError(f"authorize {status}")
     login_path = _path(headers["location"])
@@ -109,22 +135,7 @@ def sign_in(http_: Http, ctx: dict[str, Any], login: str, scope: str = "openid p
     flow = urllib.parse.parse_qs(urllib.parse.urlsplit(login_path).query).get("flow", [""])[0]
     status, headers, _ = http_.form("/login", {"csrf_token": found.group(1), "login": login,
                                                "password": ctx["password"], "flow": flow, "next": ""})
-    hops = 0
-    while status in (302, 303) and not headers["location"].startswith(ctx["redirect_uri"]):
-        hops += 1
-        if hops > 5:
-            raise HttpError("too many redirects")
-        status, headers, _ = http_.request("GET", _path(headers["location"]))
-    if status not in (302, 303):
-        raise HttpError(f"sign-in {status}")
-    code = urllib.parse.parse_qs(urllib.parse.urlsplit(headers["location"]).query)["code"][0]
-    status, _, body = http_.form("/token", {"grant_type": "authorization_code", "code": code,
-                                            "redirect_uri": ctx["redirect_uri"], "code_verifier": verifier},
-                                 auth=(client_id, secret))
-    if status != 200:
-        raise HttpError(f"token {status}")
-    tokens: dict[str, Any] = json.loads(body)
-    return tokens
+    return redeem(http_, ctx, status, headers, verifier, "sign-in")
 
 
 # --- scenarios: setup(http, ctx, index) -> state; step(http, ctx, state) -------------------

@@ -21,22 +21,17 @@ sign-ins take seconds; the cost changes nothing in Redis (a hash is never stored
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
-import re
-import secrets
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from redis import Redis
 
-from bench.load import Http, HttpError
+from bench.load import _CSRF, Http, HttpError, _path, authorize_path, redeem
 from bench.stack import Stack, process_rss_kib
 
 SESSIONS = int(os.environ.get("BENCH_SESSIONS", "1000"))
@@ -48,8 +43,6 @@ CHEAP_ARGON2 = {"IDP_ARGON2_TIME_COST": "1", "IDP_ARGON2_MEMORY_COST": "8192"}
 TARGET_BYTES = 1024
 WARM_UP = 50
 
-_CSRF = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"')
-
 
 class Browser(Http):
     """``bench.load.Http`` sending a browser's User-Agent, as the sessions of real people do."""
@@ -57,11 +50,6 @@ class Browser(Http):
     def request(self, method: str, path: str, *, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         return super().request(method, path, body=body, headers={"User-Agent": USER_AGENT, **(headers or {})})
-
-
-def _path(location: str) -> str:
-    parts = urllib.parse.urlsplit(location)
-    return parts.path + ("?" + parts.query if parts.query else "")
 
 
 def sign_in_form(http_: Browser, ctx: dict[str, Any], login: str) -> None:
@@ -82,31 +70,9 @@ def sign_in_form(http_: Browser, ctx: dict[str, Any], login: str) -> None:
 def use_app(http_: Browser, ctx: dict[str, Any]) -> dict[str, Any]:
     """The signed-in browser opens the portal app: authorize (no password asked), code,
     tokens with a refresh token."""
-    client_id, secret = ctx["clients"]["web"]
-    verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    query = urllib.parse.urlencode({
-        "response_type": "code", "client_id": client_id, "redirect_uri": ctx["redirect_uri"],
-        "scope": "openid profile offline_access", "state": secrets.token_hex(8), "nonce": secrets.token_hex(8),
-        "code_challenge": challenge, "code_challenge_method": "S256",
-    })
-    status, headers, _ = http_.request("GET", "/authorize?" + query)
-    hops = 0
-    while status in (302, 303) and not headers["location"].startswith(ctx["redirect_uri"]):
-        hops += 1
-        if hops > 5:
-            raise HttpError("too many redirects")
-        status, headers, _ = http_.request("GET", _path(headers["location"]))
-    if status not in (302, 303):
-        raise HttpError(f"authorize {status}")
-    code = urllib.parse.parse_qs(urllib.parse.urlsplit(headers["location"]).query)["code"][0]
-    status, _, body = http_.form("/token", {"grant_type": "authorization_code", "code": code,
-                                            "redirect_uri": ctx["redirect_uri"], "code_verifier": verifier},
-                                 auth=(client_id, secret))
-    if status != 200:
-        raise HttpError(f"token {status}")
-    tokens: dict[str, Any] = json.loads(body)
-    return tokens
+    path, verifier = authorize_path(ctx, "openid profile offline_access")
+    status, headers, _ = http_.request("GET", path)
+    return redeem(http_, ctx, status, headers, verifier, "authorize")
 
 
 def refresh(http_: Browser, ctx: dict[str, Any], refresh_token: str) -> str:
