@@ -86,6 +86,19 @@ def _class_or_404(teacher: User, class_id: int) -> SchoolClass:
     return school_class
 
 
+def _class_action(class_id: int) -> tuple[User, SchoolClass] | Any:
+    """For a POST on one of the teacher's classes: the teacher and the class, or the
+    answer to give instead (sign-in redirect or refusal); 404 for another class, 400
+    without a valid CSRF token."""
+    teacher = _teacher()
+    if not isinstance(teacher, User):
+        return teacher
+    school_class = _class_or_404(teacher, class_id)
+    if not ActionForm().validate_on_submit():
+        abort(400)
+    return teacher, school_class
+
+
 def _activation_url(login: str) -> str:
     return f"{services().settings.issuer}/activate?" + urlencode({"login": login})
 
@@ -161,12 +174,10 @@ def _issue_cards(teacher: User, school_class: SchoolClass, purpose: str) -> list
 
 @bp.post("/classes/<int:class_id>/cards")
 def cards(class_id: int) -> Any:
-    teacher = _teacher()
-    if not isinstance(teacher, User):
-        return teacher
-    school_class = _class_or_404(teacher, class_id)
-    if not ActionForm().validate_on_submit():
-        abort(400)
+    found = _class_action(class_id)
+    if not isinstance(found, tuple):
+        return found
+    teacher, school_class = found
     printed = _issue_cards(teacher, school_class, f"cards:{school_class.name}")
     for card in printed:
         card["qr"] = qr_svg(card["url"], title=_("Activation page for %(login)s", login=card["login"]))
@@ -186,12 +197,10 @@ def _font_missing() -> Any:
 
 @bp.post("/classes/<int:class_id>/cards.pdf")
 def cards_pdf(class_id: int) -> Any:
-    teacher = _teacher()
-    if not isinstance(teacher, User):
-        return teacher
-    school_class = _class_or_404(teacher, class_id)
-    if not ActionForm().validate_on_submit():
-        abort(400)
+    found = _class_action(class_id)
+    if not isinstance(found, tuple):
+        return found
+    teacher, school_class = found
     svc = services()
     font_file = svc.settings.card_font_file
     try:
@@ -230,12 +239,10 @@ def _guardian_url() -> str:
 
 @bp.post("/classes/<int:class_id>/guardian-codes")
 def guardian_codes(class_id: int) -> Any:
-    teacher = _teacher()
-    if not isinstance(teacher, User):
-        return teacher
-    school_class = _class_or_404(teacher, class_id)
-    if not ActionForm().validate_on_submit():
-        abort(400)
+    found = _class_action(class_id)
+    if not isinstance(found, tuple):
+        return found
+    teacher, school_class = found
     svc = services()
     db = svc.db.session
     url = _guardian_url()
