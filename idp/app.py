@@ -27,7 +27,6 @@ from idp.sessions.store import RedisSessionInterface
 
 log = logging.getLogger("darbaza")
 csrf = CSRFProtect()
-login_manager = LoginManager()
 
 # Endpoints called by portal apps, not by a browser form: they answer OAuth JSON
 # errors and are not protected by the CSRF token (they authenticate the client).
@@ -73,7 +72,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     i18n.init_app(app)
     security_headers.init_app(app, https=settings.is_https)
 
-    login_manager.init_app(app)
+    # One LoginManager per app: its user loader closes over this app's services. A
+    # module-wide one kept the loader of the app created last, so an earlier app (the
+    # test server, when a CLI command built another app in the same process) loaded its
+    # users through the other app's database pool, never returning those connections.
+    login_manager = LoginManager(app)
     login_manager.login_view = "login.login"
     login_manager.session_protection = None  # the session id is rotated and checked server-side
 
