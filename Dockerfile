@@ -23,5 +23,6 @@ RUN pip install "babel>=2.14" && pybabel compile -q -d idp/translations -f \
     && useradd --system --uid 10001 darbaza
 USER darbaza
 EXPOSE 8000
-# Apply migrations (idempotent) and serve. Scale by running more containers.
-CMD ["sh", "-c", "darbaza db upgrade && exec gunicorn idp.wsgi:app --bind 0.0.0.0:8000 --workers ${IDP_WORKERS:-2} --threads 4 --worker-class gthread --no-control-socket --access-logfile -"]
+# Apply migrations (idempotent) and serve. Scale by running more containers. Logs are JSON
+# lines on stderr; no gunicorn access log (it prints query strings): the app logs each request.
+CMD ["sh", "-c", "darbaza db upgrade && exec gunicorn idp.wsgi:app --bind 0.0.0.0:8000 --workers ${IDP_WORKERS:-2} --threads 4 --worker-class gthread --no-control-socket --logger-class idp.logs.GunicornLogger"]

@@ -544,6 +544,24 @@ def issue_activation_code(user_id: int) -> Response:
     return jsonify({"user_id": user.id, "code": code, "expires_at": _timestamp(expires)})
 
 
+@api.post(f"/users/{USER_ID}/personal-data")
+@needs("privacy:data:export")
+def export_personal_data(user_id: int) -> Response:
+    from idp.privacy import export_personal_data as build_export
+
+    user = user_or_404(user_id)
+    body = json_body("Reason")
+    svc = services()
+    db = svc.db.session
+    document = build_export(db, user, sessions=svc.sessions.list(user.id))
+    caller = actor()
+    svc.journal.record(db, actor=caller.ref, action="privacy:export:admin", subject=f"user:{user.id}",
+                       reason=body["reason"], ip=caller.ip, request_id=caller.request_id,
+                       details={"format": document["format"], "via": "api"})
+    _commit()
+    return jsonify(document)
+
+
 # --- routes: roles, classes, portal apps, journal ------------------------------------------------
 @api.get("/roles")
 @needs("admin:users:read")

@@ -14,3 +14,4 @@ from admin_ui import audit  # noqa: F401
 from admin_ui import sharing  # noqa: F401
 from admin_ui import breach  # noqa: F401
 from admin_ui import workdays  # noqa: F401
+from admin_ui import privacy  # noqa: F401

@@ -45,7 +45,7 @@ MAX_PAGE = 1_000_000
 USER_REF = re.compile(r"^user:(\d{1,12})$")
 EXPORT_FIELDS = [
     "seq", "occurred_at", "occurred_at_local", "actor", "subject", "action", "reason",
-    "ip", "request_id", "details", "prev_hash", "hash",
+    "ip", "request_id", "details", "prev_hash", "hash", "content_hash", "redacted_at",
 ]
 
 
@@ -208,6 +208,9 @@ def event_record(event: AuditEvent) -> dict[str, Any]:
         "details": event.details or {},
         "prev_hash": event.prev_hash,
         "hash": event.hash,
+        # NULL on rows written before migration 0013 (idp/audit/journal.py: v1 and v2 rows).
+        "content_hash": event.content_hash,
+        "redacted_at": utc_text(event.redacted_at) if event.redacted_at else None,
     }
 
 

@@ -276,9 +276,33 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "details": {"type": "object"},
             "prev_hash": {"type": "string"},
             "hash": {"type": "string"},
+            "content_hash": {"type": ["string", "null"],
+                             "description": "SHA-256 of the personal content; null on rows written before "
+                                            "redaction existed (their hash covers every field)."},
+            "redacted_at": {"type": ["string", "null"],
+                            "description": "When retention blanked the personal content (UTC)."},
         },
     },
     "AuditPage": _page_of("AuditEvent"),
+    "PersonalData": {
+        "type": "object",
+        "description": "Everything Darbaza keeps about the person (idp/privacy.py), without any secret.",
+        "required": ["format", "generated_at", "account", "two_factor", "sessions", "consents", "apps",
+                     "breach_reports", "obligations_accepted", "journal", "journal_truncated"],
+        "properties": {
+            "format": {"type": "string", "const": "darbaza-personal-data/1"},
+            "generated_at": {"type": "string"},
+            "account": {"type": "object"},
+            "two_factor": {"type": "object"},
+            "sessions": {"type": ["array", "null"], "items": {"type": "object"}},
+            "consents": {"type": "array", "items": {"type": "object"}},
+            "apps": {"type": "array", "items": {"type": "object"}},
+            "breach_reports": {"type": "array", "items": {"type": "object"}},
+            "obligations_accepted": {"type": "array", "items": {"type": "object"}},
+            "journal": {"type": "array", "items": {"type": "object"}},
+            "journal_truncated": {"type": "boolean"},
+        },
+    },
 }
 
 
@@ -425,6 +449,13 @@ def _paths() -> dict[str, Any]:
                                "support:credentials:reset", ok=("200", "The code", "ActivationCode"),
                                parameters=user, body="OptionalReason", body_required=False,
                                errors=("404", "409")),
+        },
+        "/users/{user_id}/personal-data": {
+            "post": _operation("exportPersonalData",
+                               "The person's personal data (their request under the personal-data law); journalled "
+                               "with the reason", "privacy:data:export",
+                               ok=("200", "The export", "PersonalData"), parameters=user, body="Reason",
+                               errors=("404",)),
         },
         "/roles": {
             "get": _operation("listRoles", "Roles and their permissions", "admin:users:read",

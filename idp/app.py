@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import UTC, timedelta
 from typing import Any
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, g, jsonify, render_template, request
 from flask_babel import format_timedelta
 from flask_babel import gettext as _
-from flask_login import LoginManager
+from flask_login import AnonymousUserMixin, LoginManager
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import IntegerConverter
 
-from idp import i18n, security_headers
+from idp import i18n, logs, observability, security_headers
 from idp.accounts.models import User
 from idp.config import Settings
 from idp.login.throttle import Throttled
@@ -33,6 +33,16 @@ csrf = CSRFProtect()
 PROTOCOL_PATHS = ("/token", "/revoke", "/introspect", "/userinfo", "/.well-known/", "/jwks.json", "/admin/api/")
 
 
+class RowIdConverter(IntegerConverter):
+    """``<int:...>`` in routes: an id that fits the INTEGER id columns (32-bit on
+    PostgreSQL). A larger one is no row (404) instead of an overflow in the database
+    driver (SQLite raises OverflowError past 2**63: a 500)."""
+
+    def __init__(self, map: Any, *args: Any, **kwargs: Any) -> None:  # noqa: A002
+        kwargs.setdefault("max", 2**31 - 1)
+        super().__init__(map, *args, **kwargs)
+
+
 def _wants_json() -> bool:
     return request.path.startswith(PROTOCOL_PATHS)
 
@@ -40,6 +50,7 @@ def _wants_json() -> bool:
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
+    app.url_map.converters["int"] = RowIdConverter
     app.config.update(
         SECRET_KEY=settings.secret_key,
         TESTING=settings.testing,
@@ -49,7 +60,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         MAX_FORM_PARTS=200,
         JSON_SORT_KEYS=False,
     )
-    logging.basicConfig(level=settings.log_level)
+    # JSON (or text) lines on stderr, secrets masked (idp/logs.py).
+    logs.setup_logging(settings.log_level, settings.log_format)
 
     svc = Services.build(settings)
     app.extensions["darbaza"] = svc
@@ -68,6 +80,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             x_host=settings.trusted_proxies,
         )
 
+    # The request id and the access line, before any hook that may refuse the request.
+    logs.init_app(app, settings.trusted_proxies)
+    observability.init_app(app, svc.redis)  # request latency for /metrics
     csrf.init_app(app)
     i18n.init_app(app)
     security_headers.init_app(app, https=settings.is_https)
@@ -116,10 +131,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     admin_ui.init_app(app)
     cors.init_app(app)
-    from idp.breach.metrics import bp as metrics_bp
-
     # /metrics for Prometheus (loopback or the metrics bearer token).
-    app.register_blueprint(metrics_bp)
+    app.register_blueprint(observability.bp)
     from idp.oidc import views as oidc_views
 
     # Protocol endpoints authenticate the client (or are the RP's own front-channel
@@ -143,25 +156,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         failure = getattr(flask_session, "unavailable", None)
         if failure is not None:
             raise failure
-
-    @app.before_request
-    def _request_id() -> None:
-        from flask import g
-
-        incoming = request.headers.get("X-Request-ID", "")
-        # Accept a proxy's id only when it is short and plain; otherwise make one.
-        if 8 <= len(incoming) <= 64 and incoming.replace("-", "").isalnum():
-            g.request_id = incoming
-        else:
-            g.request_id = uuid.uuid4().hex
-
-    @app.after_request
-    def _echo_request_id(response: Response) -> Response:
-        from flask import g
-
-        if getattr(g, "request_id", None):
-            response.headers["X-Request-ID"] = g.request_id
-        return response
 
     @app.teardown_appcontext
     def _close_db(_exc: BaseException | None) -> None:
@@ -207,6 +201,12 @@ def _error(status: int, code: str, title: str, message: str) -> Any:
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(CSRFError)
     def _csrf(_e: CSRFError) -> Any:
+        from flask import session as flask_session
+
+        if getattr(flask_session, "unavailable", None) is not None:
+            # The form token could not be checked because the session store is down
+            # (CSRFProtect runs before ``_session_store_reachable``): say so, not "expired".
+            return _store_down()
         return _error(
             400,
             "invalid_request",
@@ -258,6 +258,9 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(OperationalError)
     def _db_down(e: OperationalError) -> Any:
         log.error("database unavailable: %s", e.__class__.__name__)
+        # The answer is made for an anonymous visitor: the locale and the page would load
+        # the signed-in account from the database that just failed (a bare 500).
+        g._login_user = AnonymousUserMixin()
         return _store_down()
 
     @app.errorhandler(Exception)

@@ -106,6 +106,38 @@ def users_create(
         click.echo(f"password: {password}")
 
 
+@users.command("export")
+@click.argument("login")
+@click.option("--reason", required=True, help="Whose request this is and how it was made (kept in the audit journal).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, writable=True, path_type=Path), default=None,
+              help="Write the JSON here (created with mode 0600) instead of printing it.")
+@with_appcontext
+def users_export(login: str, reason: str, out: Path | None) -> None:
+    """Export a person's personal data as JSON, for their request (README, "Personal data").
+    Journalled privacy:export:admin with the reason."""
+    from idp.accounts.service import normalise_login
+    from idp.privacy import export_personal_data
+
+    if not reason.strip():
+        raise click.ClickException("give a reason: whose request this is and how it was made")
+    svc = services()
+    with svc.db.transaction() as session:
+        user = session.scalar(select(User).where(User.login == normalise_login(login)))
+        if user is None:
+            raise click.ClickException(f"no account with the login {login}")
+        document = export_personal_data(session, user, sessions=svc.sessions.list(user.id))
+        svc.journal.record(session, actor=_cli_actor(), action="privacy:export:admin", subject=f"user:{user.id}",
+                           reason=reason.strip(), details={"format": document["format"], "via": "cli"})
+    text = json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    click.echo(f"wrote the personal data of {document['account']['login']} to {out}", err=True)
+
+
 # --- roster ------------------------------------------------------------------------
 @main.group()
 def roster() -> None:
@@ -489,6 +521,95 @@ def audit_verify() -> None:
     click.echo(f"audit journal is intact: {result.checked} rows")
 
 
+# --- backup and restore ----------------------------------------------------------------
+@main.command("backup")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@with_appcontext
+def backup_command(out: Path) -> None:
+    """Back up the database to OUT while the servers run (SQLite: online backup; PostgreSQL:
+    pg_dump --format=custom), with OUT.manifest.json beside it. The secret key is not in
+    it: keep IDP_SECRET_KEY (and IDP_DATA_KEY) safe separately."""
+    from idp.backup import BackupError, create_backup
+
+    svc = services()
+    try:
+        manifest = create_backup(svc.settings.database_url, out)
+    except BackupError as exc:
+        _bad_input(str(exc))
+    with svc.db.transaction() as session:
+        svc.journal.record(session, actor=_cli_actor(), action="data:backup:create",
+                           details={"file": manifest.file, "backend": manifest.backend, "size": manifest.size,
+                                    "sha256": manifest.sha256, "schema_revision": manifest.schema_revision})
+    click.echo(f"backup written: {out} ({manifest.size} bytes, {manifest.backend}, "
+               f"schema {manifest.schema_revision})")
+    click.echo(f"sha256 {manifest.sha256}; manifest {out}.manifest.json")
+
+
+@main.command("restore")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--yes", is_flag=True, help="Replace the content of a database that is not empty.")
+@with_appcontext
+def restore_command(file: Path, yes: bool) -> None:
+    """Replace the database's content with the backup FILE, bring its schema up to date and
+    check it (accounts, signing keys, audit chain). Stop the servers and the worker first.
+    Everyone is signed out (Darbaza's Redis database is emptied)."""
+    from redis.exceptions import RedisError
+
+    from idp.backup import (
+        BackupError,
+        check_backup,
+        database_is_empty,
+        restore_backup,
+        verify_database,
+    )
+    from idp.migrate import upgrade
+
+    svc = services()
+    url = svc.settings.database_url
+    try:
+        manifest = check_backup(file, url)
+        if manifest is None:
+            click.echo(f"warning: no {file.name}.manifest.json beside the backup: its integrity is not checked",
+                       err=True)
+        if not yes and not database_is_empty(url):
+            _bad_input("the database is not empty: restoring replaces everything in it "
+                       "(make a backup of it first); run again with --yes")
+        svc.db.remove()
+        svc.db.dispose()
+        restore_backup(url, file)
+    except BackupError as exc:
+        _bad_input(str(exc))
+    svc.db.dispose()
+    upgrade(url)  # an older backup reaches this version's schema
+    with svc.db.transaction() as session:
+        ensure_roles(session)
+    signed_out = True
+    try:
+        svc.redis.flushdb()  # sessions, pending sign-ins, throttles: none may outlive the restore
+    except RedisError as exc:
+        signed_out = False
+        click.echo(f"warning: Redis could not be emptied ({exc.__class__.__name__}): empty it (FLUSHDB on "
+                   "IDP_REDIS_URL's database) before starting the servers, or old sessions stay valid", err=True)
+    summary = verify_database(svc.db.factory, svc.settings, svc.journal)
+    with svc.db.transaction() as session:
+        svc.journal.record(session, actor=_cli_actor(), action="data:backup:restore", details={
+            "file": file.name, "sha256": manifest.sha256 if manifest else None,
+            "created_at": manifest.created_at if manifest else None,
+            "schema_revision_of_backup": manifest.schema_revision if manifest else None,
+            "schema_revision": summary.schema_revision, "accounts": summary.accounts,
+            "signing_keys": summary.signing_keys, "audit_events": summary.audit_events,
+            "audit_ok": summary.audit_ok, "problems": summary.problems, "sessions_ended": signed_out,
+        })
+    click.echo(f"restored {file}" + (f" (made {manifest.created_at})" if manifest else ""))
+    for line in summary.lines():
+        click.echo(line)
+    click.echo("everyone is signed out" if signed_out else "sessions were NOT ended (see the warning)")
+    if not summary.ok:
+        sys.exit(1)
+    if not signed_out:
+        sys.exit(3)
+
+
 # --- access ------------------------------------------------------------------------
 @main.group()
 def access() -> None:
@@ -736,21 +857,34 @@ def logout_deliver(retry_waiting: bool) -> None:
 @with_appcontext
 def prune_command(dry_run: bool, max_seconds: int) -> None:
     """Delete expired tokens and codes, and delivered mails and logout tokens older than
-    IDP_DELIVERED_RETENTION_DAYS (the worker does it every 10 minutes); print the rows per table."""
-    from idp.prune import prune
+    IDP_DELIVERED_RETENTION_DAYS; redact sign-in events older than
+    IDP_SIGNIN_EVENT_RETENTION_DAYS and delete breach cases closed more than
+    IDP_CLOSED_CASE_RETENTION_DAYS ago (the worker does it every 10 minutes); print the counts."""
+    import time
+
+    from idp.prune import apply_retention, prune
 
     svc = services()
+    started = time.monotonic()
     report = prune(svc.db.factory, retention_days=svc.settings.delivered_retention_days, dry_run=dry_run,
                    time_limit=float(max_seconds))
     verb = "would delete" if dry_run else "deleted"
     for table, count in report.counts.items():
         click.echo(f"{verb} {count} {table}")
-    if not report.complete:
-        click.echo(f"stopped after {max_seconds} s with rows left; run again")
     if report.total and not dry_run:
         with svc.db.transaction() as session:
             svc.journal.record(session, actor=_cli_actor(), action="data:retention:prune",
                                details={"counts": report.counts, "complete": report.complete})
+    retained = apply_retention(
+        svc.db.factory, svc.journal, signin_days=svc.settings.signin_event_retention_days,
+        case_days=svc.settings.closed_case_retention_days, actor=_cli_actor(), dry_run=dry_run,
+        time_limit=max(1.0, float(max_seconds) - (time.monotonic() - started)),
+    )
+    redact = "would redact" if dry_run else "redacted"
+    click.echo(f"{redact} {retained.sign_in_events} sign-in events")
+    click.echo(f"{verb} {retained.cases_deleted} closed breach cases ({redact} {retained.case_events} of their events)")
+    if not (report.complete and retained.complete):
+        click.echo(f"stopped after {max_seconds} s with rows left; run again")
 
 
 @main.command("worker")
@@ -759,10 +893,11 @@ def worker(burst: bool) -> None:
     """Run background jobs (RQ on the configured Redis): outbox and back-channel logout
     delivery with retries."""
     from idp.config import Settings
+    from idp.logs import setup_logging
     from idp.worker import run_worker
 
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     run_worker(settings, burst=burst)
 
 
@@ -781,7 +916,9 @@ def serve(bind: str, workers: int, threads: int) -> None:
         "--workers", str(workers),
         "--threads", str(threads),
         "--worker-class", "gthread",
-        "--access-logfile", "-",
+        # No gunicorn access log (it prints query strings, which carry codes and tokens):
+        # the app logs one access line per request, in JSON (idp/logs.py).
+        "--logger-class", "idp.logs.GunicornLogger",
         "--graceful-timeout", "5",
         "--no-control-socket",
     ]

@@ -108,6 +108,9 @@ class Settings:
     # Force Secure cookies even over http (set false only for plain-http localhost).
     cookie_secure: bool = True
     log_level: str = "INFO"
+    # "json" (one object per line with the request id; every deployment) or "text" (for a
+    # person reading a console). Secrets are masked in both (idp/logs.py).
+    log_format: str = "json"
     # Outgoing mail (notify's outbox): "smtp" or "null" (drop every message).
     mail_transport: str = "smtp"
     mail_from: str = "Darbaza <no-reply@school.example>"
@@ -129,6 +132,13 @@ class Settings:
     # Sent (or failed) outbox mails and delivered (or failed) back-channel logouts are
     # deleted this many days later (idp/prune.py); pending ones never.
     delivered_retention_days: int = 30
+    # Personal-data retention (idp/prune.py, README "Personal data"): sign-in events in
+    # the audit journal are redacted (content blanked, the chain kept) this many days
+    # after they happened; 0 keeps them for ever.
+    signin_event_retention_days: int = 365
+    # Breach cases resolved this many days ago are deleted and their journal events
+    # redacted; 0 keeps them for ever.
+    closed_case_retention_days: int = 1095
     # Account-sharing signals (policy 5.2.1), flagged to the security officer: more live
     # sessions than this (when no restriction sets a session limit), ...
     sharing_max_sessions: int = 3
@@ -208,6 +218,9 @@ class Settings:
         settings._check_networks()
         settings._check_support_hours()
         settings._check_redis()
+        settings.log_format = settings.log_format.strip().lower()
+        if settings.log_format not in ("json", "text"):
+            raise SettingsError("IDP_LOG_FORMAT must be json or text")
         loopback = settings.issuer.startswith("http://127.0.0.1") or settings.issuer.startswith("http://localhost")
         if not loopback and not settings.secret_key.strip() or (
             not loopback and settings.secret_key == DEVELOPMENT_SECRET_KEY and not settings.testing

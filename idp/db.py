@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
 
 
@@ -19,8 +19,13 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
     if url.startswith("sqlite"):
         # A threaded server takes one connection per request in flight; SQLite connections
         # are cheap, so the pool is as wide as for a server database.
+        # How long a writer waits for SQLite's write lock before "database is locked" (a
+        # 503): 30 s, or ``?timeout=<seconds>`` in the URL (the driver's own parameter).
+        connect_args: dict[str, object] = {"check_same_thread": False}
+        if "timeout" not in make_url(url).query:
+            connect_args["timeout"] = 30
         engine = create_engine(
-            url, connect_args={"timeout": 30, "check_same_thread": False},
+            url, connect_args=connect_args,
             pool_size=pool_size, max_overflow=2 * pool_size,
         )
 

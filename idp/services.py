@@ -20,6 +20,7 @@ from idp.mfa.passkeys import PasskeyService
 from idp.mfa.service import TwoFactorService
 from idp.notify.jobs import build_mail_transport, build_outbox
 from idp.notify.outbox import Outbox
+from idp.observability import install_commit_counters
 from idp.oidc.backchannel import BackchannelLogout
 from idp.oidc.keys import KeyService, build_key_service
 from idp.oidc.tokens import TokenService
@@ -74,6 +75,8 @@ class Services:
         )
         tokens = TokenService(settings=settings, keys=keys)
         journal = Journal()
+        # Sign-ins and tokens counted in Redis once their transaction commits (/metrics).
+        install_commit_counters(db.factory, redis)
         backchannel = BackchannelLogout(settings=settings, tokens=tokens, journal=journal, redis=redis)
         return cls(
             settings=settings,

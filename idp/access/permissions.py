@@ -19,6 +19,7 @@ PERMISSIONS: dict[str, object] = {
     "reports:read": _l("See the dashboard and reports"),
     "admin:restrictions:write": _l("Manage access restrictions"),
     "support:cases:handle": _l("Handle breach reports: the case queue, contact notes and case actions"),
+    "privacy:data:export": _l("Produce a person's personal data export for their request"),
 }
 
 # Seeded roles; custom roles are stored in the database. Tech support can lock, end
@@ -47,6 +48,7 @@ SEEDED_ROLE_PERMISSIONS: dict[str, set[str]] = {
         "audit:read",
         "reports:read",
         "support:cases:handle",
+        "privacy:data:export",
     },
     "school_admin": {
         "admin:users:read",
@@ -56,6 +58,7 @@ SEEDED_ROLE_PERMISSIONS: dict[str, set[str]] = {
         "clients:read",
         "clients:write",
         "reports:read",
+        "privacy:data:export",
     },
 }
 
@@ -65,6 +68,7 @@ SEEDED_ROLE_PERMISSIONS: dict[str, set[str]] = {
 # security officer changed stays changed.
 LATER_SEEDED_PERMISSIONS: dict[str, set[str]] = {
     "support:cases:handle": {"tech_support", "security_officer"},
+    "privacy:data:export": {"school_admin", "security_officer"},
 }
 
 # The permissions that open the console at all (any one of them).

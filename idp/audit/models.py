@@ -12,7 +12,10 @@ from idp.db import Base
 
 
 class AuditEvent(Base):
-    """One journal row. ``hash`` covers every field and the previous row's hash."""
+    """One journal row. ``hash`` covers every field and the previous row's hash: directly
+    for rows written before migration 0013 ("v1", ``content_hash`` NULL), through
+    ``content_hash`` for the later ones ("v2"), whose personal content can be redacted by
+    the retention job without breaking the chain (idp/audit/journal.py)."""
 
     __tablename__ = "audit_events"
 
@@ -29,6 +32,11 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    # SHA-256 of the personal content (actor, subject, reason, ip, request_id, details);
+    # NULL on v1 rows.
+    content_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # When retention blanked the personal content (v2 rows only).
+    redacted_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class AuditHead(Base):

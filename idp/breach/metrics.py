@@ -1,4 +1,5 @@
-"""``/metrics`` for Prometheus: breach cases (issue 6).
+"""Prometheus metrics of breach cases (issue 6), served at ``/metrics`` with the others
+by idp/observability.py.
 
 The numbers are read from the database at each scrape (a custom collector), so every
 server process gives the same answer and nothing is lost on a restart:
@@ -7,20 +8,13 @@ server process gives the same answer and nothing is lost on a restart:
 - ``darbaza_breach_cases_overdue``: open cases past their support deadline;
 - ``darbaza_breach_cases_total{state}``: every case ever filed, by state now;
 - ``darbaza_breach_time_to_contain_seconds``: histogram of report -> containment;
-- ``darbaza_breach_time_to_resolve_seconds``: histogram of report -> resolution.
-
-Who may read it: clients on loopback, and others with ``Authorization: Bearer
-<IDP_METRICS_TOKEN>`` (no token set: loopback only)."""
+- ``darbaza_breach_time_to_resolve_seconds``: histogram of report -> resolution."""
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 
-from flask import Blueprint, Response, current_app, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -35,9 +29,6 @@ CONTAIN_BUCKETS = (1.0, 5.0, 30.0, 60.0, 300.0, 3600.0)
 # One working day is the target; a weekend stretches it to three calendar days or more.
 RESOLVE_BUCKETS = (3600.0, 4 * 3600.0, 8 * 3600.0, 86400.0, 2 * 86400.0, 3 * 86400.0, 4 * 86400.0, 7 * 86400.0,
                    14 * 86400.0)
-
-bp = Blueprint("metrics", __name__)
-
 
 def _histogram(name: str, documentation: str, values: Iterable[float], bounds: tuple[float, ...]) -> Metric:
     data = sorted(max(0.0, v) for v in values)
@@ -89,41 +80,3 @@ class BreachCaseCollector(Collector):
         yield _histogram("darbaza_breach_time_to_resolve_seconds",
                          "Seconds from a breach report to the resolution of its case.",
                          ((d - r).total_seconds() for r, d in resolved if r and d), RESOLVE_BUCKETS)
-
-
-def _from_loopback(trusted_proxies: int) -> bool:
-    # A proxy on this host that we were not told about (IDP_TRUSTED_PROXIES=0) makes every
-    # client look like loopback: a forwarded request is not trusted as local then.
-    if trusted_proxies == 0 and ("X-Forwarded-For" in request.headers or "Forwarded" in request.headers):
-        return False
-    try:
-        return bool(request.remote_addr) and ipaddress.ip_address(request.remote_addr or "").is_loopback
-    except ValueError:
-        return False
-
-
-def _allowed() -> bool:
-    settings = current_app.extensions["darbaza"].settings
-    if _from_loopback(settings.trusted_proxies):
-        return True
-    token = settings.metrics_token
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-
-
-@bp.get("/metrics")
-def metrics() -> Response:
-    if not _allowed():
-        response = jsonify({"error": "unauthorized",
-                            "error_description": "metrics are served to loopback or with the metrics bearer token"})
-        response.status_code = 401
-        response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
-        response.headers["Cache-Control"] = "no-store"
-        return response
-    registry = current_app.extensions.get("darbaza.metrics")
-    if registry is None:
-        svc = current_app.extensions["darbaza"]
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(BreachCaseCollector(svc.db.factory, lambda: svc.clock()))
-        current_app.extensions["darbaza.metrics"] = registry
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})

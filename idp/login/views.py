@@ -203,6 +203,7 @@ from idp.login import (  # noqa: E402,F401
     passkeys,  # noqa: E402,F401  (passkeys: /account/passkeys, /login/passkey, second step)
     password,  # noqa: E402,F401  (the self-service /account/password)
     password_reset,  # noqa: E402,F401  (/password/forgot and /password/reset/<token>)
+    personal_data,  # noqa: E402,F401  (/account/data.json: "My data")
     reauth,  # noqa: E402,F401  (/login/reauth: "Confirm it's you")
     refused,  # noqa: E402,F401  (/login/refused: why restrictions refused a sign-in)
     required,

@@ -90,6 +90,17 @@ def single_values(multi: Any) -> tuple[dict[str, str], set[str]]:
     return values, repeated
 
 
+def repeated_description(repeated: set[str]) -> str:
+    """The error_description naming repeated parameters. The names come from the request:
+    only the characters RFC 6749 §5.2 allows in a description (%x20-21 / %x23-5B /
+    %x5D-7E) are kept, others become "?" (Authlib refuses to build the error otherwise,
+    and nothing hostile is echoed to the app)."""
+    def clean(name: str) -> str:
+        return "".join(c if " " <= c <= "~" and c not in "\"\\" else "?" for c in name[:40])
+
+    return ("Parameters must not be repeated: " + ", ".join(sorted(clean(n) for n in repeated)))[:200]
+
+
 def validate(
     params: dict[str, str],
     repeated: set[str],
@@ -142,7 +153,7 @@ def validate(
     if response_mode not in RESPONSE_MODES:
         raise fail("invalid_request", "Unsupported response_mode.")
     if repeated:
-        raise fail("invalid_request", "Parameters must not be repeated: " + ", ".join(sorted(repeated)))
+        raise fail("invalid_request", repeated_description(repeated))
     # A NUL is never valid in any parameter (and PostgreSQL refuses one in the nonce query).
     if any("\x00" in v for v in params.values()):
         raise fail("invalid_request", "Parameters must not contain NUL characters.")
@@ -217,7 +228,9 @@ def validate(
     hint = params.get("id_token_hint")
     if hint:
         try:
-            claims = tokens.decode_signed(hint, typ=None)
+            # typ JWT: only our ID tokens; an access token (typ at+jwt, same key and sub)
+            # is not a hint (ASVS 9.2.2; /end_session checks the same).
+            claims = tokens.decode_signed(hint, typ="JWT")
         except InvalidAccessToken:
             raise fail("invalid_request", "id_token_hint is not a valid ID token from this provider.") from None
         if claims.get("iss") != tokens.settings.issuer or not isinstance(claims.get("sub"), str):

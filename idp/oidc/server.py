@@ -28,6 +28,7 @@ from idp.access.decision import (
     protocol_description,
 )
 from idp.accounts.models import User, load_account
+from idp.observability import TOKENS, count_on_commit
 from idp.oidc.models import AccessToken, AuthorizationCode, Client, RefreshToken, token_hash
 from idp.oidc.tokens import GrantContext, InvalidAccessToken, new_family_id
 from idp.services import Services
@@ -85,6 +86,12 @@ class _DarbazaGrantMixin:
         return self.server.svc
 
     def _issue(self, *, user: User | None, scope: str, context: GrantContext, refresh: bool) -> dict[str, Any]:
+        token = self._mint(user=user, scope=scope, context=context, refresh=refresh)
+        self._after_issue(token, user=user, context=context)
+        return token
+
+    def _mint(self, *, user: User | None, scope: str, context: GrantContext, refresh: bool) -> dict[str, Any]:
+        """Build and sign the tokens; their rows are added to the session, not yet stored."""
         session = self.svc.db.session
         token = self.server.tokens.issue(
             session,
@@ -102,6 +109,15 @@ class _DarbazaGrantMixin:
                 context=context,
                 access_token=token["access_token"],
             )
+        grant_type = str(getattr(self, "GRANT_TYPE", "unknown"))
+        for kind in ("access_token", "refresh_token", "id_token"):
+            if kind in token:  # darbaza_tokens_issued_total (idp/observability.py), once committed
+                count_on_commit(session, TOKENS, f"{grant_type}|{kind}")
+        return token
+
+    def _after_issue(self, token: dict[str, Any], *, user: User | None, context: GrantContext) -> None:
+        """Store the minted tokens (commit), then the bookkeeping that follows."""
+        session = self.svc.db.session
         session.commit()
         if user is not None:
             # Back-channel logout: this app is used from the browser session (refreshes the TTL).
@@ -113,7 +129,6 @@ class _DarbazaGrantMixin:
         if user is not None and self.svc.redis.exists(_burnt_key(context.family_id)):
             self.server.tokens.revoke_family(session, context.family_id)
             session.commit()
-        return token
 
     def _person_ip(self) -> str | None:
         """The person's address when the person is seen at the token endpoint: a public
@@ -271,27 +286,48 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
         if requested and not set(requested.split()) <= set(row.scope.split()):
             raise InvalidScopeError()
         self._refresh_access(row, requested or row.scope)
-        # Rotation with reuse detection (R14, ASVS 10.4.5): claim the token atomically;
-        # presenting an already-used token revokes the whole family. The claim is
-        # committed at once, so its row lock is not held while the new tokens are
-        # minted (holding it made parallel refreshes of one token queue on the lock with
-        # their pooled connections; see the closing note of issue 8).
-        claimed = session.execute(
-            update(RefreshToken)
-            .where(RefreshToken.id == row.id, RefreshToken.used_at.is_(None), RefreshToken.revoked_at.is_(None))
-            .values(used_at=int(time.time()))
-        ).rowcount  # type: ignore[attr-defined]
-        session.commit()
-        if claimed != 1:
-            self._burn_family(
-                row.family_id,
-                client_id=client.client_id,
-                user_id=row.user_id,
-                action="token:refresh:reuse",
-                reason="a used refresh token was presented again; its family is revoked",
-            )
+        # Rotation with reuse detection (R14, ASVS 10.4.5): presenting an already-used
+        # token revokes the whole family. The token is claimed in ``create_token_response``,
+        # in the same short transaction that stores its successors (see ``_rotate``).
+        if row.used_at is not None:
+            self._reuse(row)
             return None
         return row
+
+    def _reuse(self, row: RefreshToken) -> None:
+        self._burn_family(
+            row.family_id,
+            client_id=self.request.client.client_id,
+            user_id=row.user_id,
+            action="token:refresh:reuse",
+            reason="a used refresh token was presented again; its family is revoked",
+        )
+
+    def _rotate(self, *, user: User, scope: str, context: GrantContext) -> dict[str, Any]:
+        """Claim the old token and store its successors in ONE transaction, so a process
+        killed at any point leaves the family either as it was (the old token usable)
+        or rotated (the new one usable), never half rotated (issue 9). The new tokens are
+        built and signed first; the conditional UPDATE is the transaction's last
+        statement before the INSERTs and the COMMIT, with no other query in between, so
+        a parallel refresh of the same token waits on its row lock (PostgreSQL) or the
+        write lock (SQLite) only for those few statements — holding the lock while
+        minting queued 20 parallel refreshes on the pool (commit 3d53522)."""
+        old: RefreshToken = self.request.refresh_token
+        session = self.svc.db.session
+        with session.no_autoflush:
+            token = self._mint(user=user, scope=scope, context=context, refresh=True)
+            claimed = session.execute(
+                update(RefreshToken)
+                .where(RefreshToken.id == old.id, RefreshToken.used_at.is_(None),
+                       RefreshToken.revoked_at.is_(None))
+                .values(used_at=int(time.time()))
+            ).rowcount  # type: ignore[attr-defined]
+        if claimed != 1:
+            session.rollback()  # the successors are never stored
+            self._reuse(old)
+            raise InvalidGrantError()
+        self._after_issue(token, user=user, context=context)
+        return token
 
     def _refresh_access(self, row: RefreshToken, scope: str) -> None:
         """Every refresh asks the access decision, before the token is claimed. Refused
@@ -344,7 +380,7 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
             acr=old.acr,
             family_expires_at=old.expires_at,
         )
-        token = self._issue(user=user, scope=scope, context=context, refresh=True)
+        token = self._rotate(user=user, scope=scope, context=context)
         if old.sid:
             # A refresh is the person using the session through a portal app (as in
             # Keycloak): it restarts the session's idle clock, never its absolute one.

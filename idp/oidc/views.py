@@ -37,6 +37,7 @@ from idp.oidc.authorize import (
     decide,
     issue_code,
     remember_consent,
+    repeated_description,
     single_values,
     validate,
 )
@@ -392,7 +393,7 @@ def _repeated_parameters_error() -> Response | None:
     _values, repeated = single_values(request.values)
     if not repeated:
         return None
-    error = InvalidRequestError("Parameters must not be repeated: " + ", ".join(sorted(repeated))[:200])
+    error = InvalidRequestError(repeated_description(repeated))
     return oauth_server().handle_error_response(None, error)
 
 

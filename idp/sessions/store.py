@@ -187,6 +187,23 @@ class RedisSessionInterface(SessionInterface):
         assert isinstance(session, RedisSession)
         if session.unavailable is not None:
             return
+        try:
+            self._save(session, response)
+        except RedisError as exc:
+            # Redis failed after the view had answered (a newcomer's first session write,
+            # e.g. the sign-in form's token): Flask would answer a bare 500 from here. The
+            # answer becomes the app's own for a RedisError (a 503 page or JSON), keeping
+            # the security headers already set on it; no cookie is sent.
+            failed = app.make_response(app.handle_user_exception(exc))
+            response.status_code = failed.status_code
+            response.set_data(failed.get_data())
+            for name in ("Set-Cookie", "Location"):
+                del response.headers[name]
+            for name in ("Content-Type", "Cache-Control", "Retry-After"):
+                if name in failed.headers:
+                    response.headers[name] = failed.headers[name]
+
+    def _save(self, session: RedisSession, response: Response) -> None:
         cookie_kwargs: dict[str, Any] = {
             "path": "/",
             "secure": self.secure,
