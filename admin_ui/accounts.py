@@ -33,7 +33,14 @@ from admin_ui.guard import can, current_actor, requires
 from admin_ui.nav import add_nav
 from idp.access.permissions import PERMISSIONS
 from idp.accounts import guardian_codes, obligations
-from idp.accounts.admin import DIRECTORY_SOURCE, MAX_REASON, AccountAdmin, Actor, PermissionDenied
+from idp.accounts.admin import (
+    DIRECTORY_SOURCE,
+    MAX_REASON,
+    AccountAdmin,
+    Actor,
+    OutranksActor,
+    PermissionDenied,
+)
 from idp.accounts.models import Role, User
 from idp.accounts.service import LOGIN_PATTERN, AccountError, normalise_login
 from idp.audit.models import AuditEvent
@@ -112,7 +119,18 @@ def account_error_text(exc: AccountError) -> str:
     return _("The change was not saved: %(detail)s", detail=text)
 
 
+def outranked_text(exc: OutranksActor) -> str:
+    return _(
+        "This account holds permissions you do not have (%(permissions)s): whoever resets its credentials "
+        "could become that person. Ask someone who holds all of them, or the server's operator "
+        "(darbaza users reset-2fa).",
+        permissions=", ".join(str(PERMISSIONS.get(p, p)) for p in exc.missing),
+    )
+
+
 def denied_text(exc: PermissionDenied) -> str:
+    if isinstance(exc, OutranksActor):
+        return outranked_text(exc)
     if exc.permission == "admin:roles:assign":
         return _("You may not give or take away roles.")
     return _(
@@ -141,6 +159,11 @@ def _fail(template: str, **context: Any) -> tuple[str, int]:
     # Nothing half-done survives a refused change.
     services().db.session.rollback()
     return _render(template, **context), 400
+
+
+def _forbidden(template: str, **context: Any) -> tuple[str, int]:
+    """As ``_fail``, for a change the actor may not make (403)."""
+    return _fail(template, **context)[0], 403
 
 
 # --- forms ---------------------------------------------------------------------------
@@ -618,6 +641,9 @@ def _confirmed_action(
     except AccountError as exc:
         form.reason.errors = [*form.reason.errors, account_error_text(exc)]
         return _fail("admin/accounts/confirm.html", **context)
+    except OutranksActor as exc:
+        form.reason.errors = [*form.reason.errors, outranked_text(exc)]
+        return _forbidden("admin/accounts/confirm.html", **context)
     services().db.session.commit()
     flash(done(result))
     return redirect(url_for("admin.account", user_id=user.id), code=303)
@@ -776,7 +802,12 @@ def account_activation_code(user_id: int) -> Any:
         form.reason.errors = [*form.reason.errors,
                               _("This account's password is managed by the school directory: change it there.")]
         return _fail("admin/accounts/activation_code.html", form=form, user=user)
-    code, expires = account_admin().issue_activation_code(current_actor(), user, (form.reason.data or "").strip() or None)
+    try:
+        code, expires = account_admin().issue_activation_code(
+            current_actor(), user, (form.reason.data or "").strip() or None)
+    except OutranksActor as exc:
+        form.reason.errors = [*form.reason.errors, outranked_text(exc)]
+        return _forbidden("admin/accounts/activation_code.html", form=form, user=user)
     services().db.session.commit()
     settings = services().settings
     # The card is for the person, so it speaks their language; the page around it

@@ -30,7 +30,7 @@ from admin_ui import openapi
 from admin_ui.audit import event_record, parse_filters, search_events
 from idp.access.permissions import PERMISSIONS
 from idp.accounts import obligations
-from idp.accounts.admin import AccountAdmin, Actor, PermissionDenied
+from idp.accounts.admin import AccountAdmin, Actor, OutranksActor, PermissionDenied
 from idp.accounts.models import Role, SchoolClass, User
 from idp.accounts.service import AccountError
 from idp.oidc.models import Client
@@ -99,6 +99,16 @@ def _api_error(exc: ApiError) -> Response:
 def _account_error(exc: AccountError) -> Response:
     # The service's message is precise and stable ("unknown role(s): x"): scripts log it.
     return _answer(422, "invalid_value", str(exc))
+
+
+@api.errorhandler(OutranksActor)
+def _outranked(exc: OutranksActor) -> Response:
+    # A credential action on an account that holds permissions the caller lacks.
+    return _answer(
+        403, "account_outranks_caller",
+        _("This account holds permissions the token does not have (%(permissions)s); its credentials "
+          "cannot be reset with it.", permissions=", ".join(exc.missing)),
+    )
 
 
 @api.errorhandler(PermissionDenied)

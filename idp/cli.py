@@ -138,6 +138,35 @@ def users_export(login: str, reason: str, out: Path | None) -> None:
     click.echo(f"wrote the personal data of {document['account']['login']} to {out}", err=True)
 
 
+@users.command("reset-2fa")
+@click.argument("login")
+@click.option("--reason", required=True, help="Who asked and how you made sure it is them (kept in the audit journal).")
+@with_appcontext
+def users_reset_2fa(login: str, reason: str) -> None:
+    """Remove a person's authenticator app, recovery codes and passkeys and end their
+    sessions; they enrol again at the next sign-in. For the accounts nobody in the
+    console may reset (those that hold permissions no other account holds, such as the
+    security officer's). Journalled mfa:totp:reset with the operator as actor."""
+    from idp.access.permissions import PERMISSIONS
+    from idp.accounts.admin import AccountAdmin, Actor
+    from idp.accounts.service import normalise_login
+
+    if not reason.strip():
+        raise click.ClickException("give a reason: who asked and how you made sure it is them")
+    svc = services()
+    with svc.db.transaction() as session:
+        user = session.scalar(select(User).where(User.login == normalise_login(login)))
+        if user is None:
+            raise click.ClickException(f"no account with the login {login}")
+        admin = AccountAdmin(db=session, journal=svc.journal, passwords=svc.passwords, sessions=svc.sessions,
+                             login_throttle=svc.login_account_throttle, two_factor=svc.two_factor)
+        try:
+            ended = admin.reset_two_factor(Actor(ref=_cli_actor(), permissions=set(PERMISSIONS)), user, reason)
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"two-factor sign-in of {user.login} was reset; sessions ended: {ended}")
+
+
 # --- roster ------------------------------------------------------------------------
 @main.group()
 def roster() -> None:

@@ -49,6 +49,16 @@ class PermissionDenied(Exception):
         self.permission = permission
 
 
+class OutranksActor(PermissionDenied):
+    """A credential action on an account that holds permissions the actor lacks (tech
+    support resetting a school admin's second factor): taking over such an account would
+    give the actor those permissions. ``missing`` lists them."""
+
+    def __init__(self, missing: set[str]) -> None:
+        super().__init__(sorted(missing)[0])
+        self.missing = sorted(missing)
+
+
 def require_reason(reason: str | None) -> str:
     text = (reason or "").strip()
     if not text:
@@ -108,6 +118,16 @@ class AccountAdmin:
     def _need(actor: Actor, permission: str) -> None:
         if permission not in actor.permissions:
             raise PermissionDenied(permission)
+
+    @classmethod
+    def _need_over(cls, actor: Actor, user: User, permission: str) -> None:
+        """``permission``, and every permission ``user`` holds: whoever can reset an
+        account's credentials can become that person, so nobody resets the credentials of
+        an account that outranks them (threat model gap 6). The operator's CLI holds all."""
+        cls._need(actor, permission)
+        missing = user.permissions - actor.permissions
+        if missing:
+            raise OutranksActor(missing)
 
     # --- reading ------------------------------------------------------------------
     def get(self, user_id: int) -> User | None:
@@ -276,7 +296,7 @@ class AccountAdmin:
         support, who removes the authenticator app, the recovery codes and every passkey;
         every session ends, and the person enrols again at the next sign-in (a required
         action when a role requires 2FA). Returns the sessions ended."""
-        self._need(actor, "support:credentials:reset")
+        self._need_over(actor, user, "support:credentials:reset")
         reason = require_reason(reason)
         if self.two_factor is None:
             raise RuntimeError("AccountAdmin needs the two-factor service to reset it")
@@ -309,7 +329,7 @@ class AccountAdmin:
         return True
 
     def require_password_change(self, actor: Actor, user: User, reason: str) -> None:
-        self._need(actor, "support:credentials:reset")
+        self._need_over(actor, user, "support:credentials:reset")
         reason = require_reason(reason)
         user.must_change_password = True
         self._record(actor, "account:password:require-change", user, reason)
@@ -318,7 +338,7 @@ class AccountAdmin:
         """A one-time code (about 60 bits) for the person to set their own password.
         Earlier unused codes of the account stop working. A directory account's password
         is the directory's: no code is issued for it (``PasswordManagedByDirectory``)."""
-        self._need(actor, "support:credentials:reset")
+        self._need_over(actor, user, "support:credentials:reset")
         if user.source == DIRECTORY_SOURCE:
             raise PasswordManagedByDirectory()
         now = _now()

@@ -413,11 +413,13 @@ def introspect() -> Response:
 
 
 # --- userinfo ------------------------------------------------------------------------
-def _bearer_error(error: str, description: str, status: int) -> Response:
+def _bearer_error(error: str, description: str, status: int, *, challenge: bool = True) -> Response:
+    """An RFC 6750 error. ``challenge=False`` (no token at all): the WWW-Authenticate
+    header names no error (RFC 6750 section 3.1); the JSON body still carries a code."""
     response = jsonify({"error": error, "error_description": description})
     response.status_code = status
     header = 'Bearer realm="darbaza"'
-    if error:
+    if challenge:
         header += f', error="{error}", error_description="{description}"'
     response.headers["WWW-Authenticate"] = header
     response.headers["Cache-Control"] = "no-store"
@@ -443,7 +445,7 @@ def userinfo() -> Response:
         # R33: a token in the URL query is not accepted.
         if "access_token" in request.args:
             return _bearer_error("invalid_request", "Access tokens are not accepted in the URL.", 400)
-        return _bearer_error("", "", 401)
+        return _bearer_error("invalid_token", "An access token is required.", 401, challenge=False)
     svc = services()
     db = svc.db.session
     try:

@@ -46,8 +46,11 @@ def teacher_class(teacher: User, class_id: int) -> SchoolClass | None:
 
 def teacher_may_act_on(teacher: User, student: User) -> bool:
     """The single rule of the teacher area: ``student`` is a student of one of
-    ``teacher``'s classes."""
+    ``teacher``'s classes, and holds no console permission (a pupil who also helps tech
+    support outranks the teacher: AccountAdmin's rule against taking over such accounts)."""
     if teacher.id == student.id or not is_teacher(teacher) or STUDENT not in student.role_names:
+        return False
+    if student.permissions:
         return False
     taught = {c.id for c in teacher.classes}
     return any(c.id in taught for c in student.classes)

@@ -484,10 +484,11 @@ def test_userinfo_bad_authorization(server, header, status):
 def test_userinfo_bad_body(server, world):
     url = server.url + "/userinfo"
     at = world.tokens["access_token"]
-    # No token at all: 401 without an error code (RFC 6750 §3.1).
+    # No token at all: 401, the challenge names no error (RFC 6750 §3.1), the body a code.
     response = requests.get(url, timeout=10)
     assert_clean(response)
-    assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"] == 'Bearer realm="darbaza"'
+    assert response.json()["error"] == "invalid_token"
     # Repeated token in the body, token in header and body.
     assert_json_error(requests.post(url, data=[("access_token", at), ("access_token", at)], timeout=10), (400,))
     assert_json_error(requests.post(url, data={"access_token": at}, headers={"Authorization": "Bearer " + at},

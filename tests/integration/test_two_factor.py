@@ -449,3 +449,53 @@ def test_only_credential_support_may_reset_two_factor(server, make_user):
     officer = english(server)
     officer.sign_in(officer_person.login, officer_person.password)
     assert officer.get(f"/admin/accounts/{person.id}/two-factor/reset").status_code == 403
+
+
+def test_nobody_resets_the_credentials_of_an_account_that_outranks_them(server, make_user):
+    """Threat model gap 6: resetting an account's second factor or issuing it an activation
+    code lets the actor become that person, so the actor must hold every permission the
+    account holds. Tech support cannot take over a school admin; a school admin can reset
+    another school admin (the same permissions)."""
+    admin_person = make_user(roles=("school_admin",))
+    support_person = make_user(roles=("tech_support",))
+    support = english(server)
+    support.sign_in(support_person.login, support_person.password)
+    for url, fields in (
+        (f"/admin/accounts/{admin_person.id}/two-factor/reset", {"confirm_login": admin_person.login}),
+        (f"/admin/accounts/{admin_person.id}/password/require-change", {"confirm_login": admin_person.login}),
+        (f"/admin/accounts/{admin_person.id}/activation-code", {}),
+    ):
+        page = support.get(url)
+        refused = support.submit(page, url, reason="says they lost the phone", **fields)
+        assert refused.status_code == 403, url
+        assert "holds permissions you do not have" in refused.text
+    stored = db_user(server, admin_person.id)
+    assert stored.has_totp and not stored.must_change_password
+    assert events(server, "mfa:totp:reset", admin_person.id) == []
+    assert events(server, "account:activation-code:issue", admin_person.id) == []
+    # An equal may: another school admin resets it (journalled as usual).
+    peer_person = make_user(roles=("school_admin",))
+    peer = english(server)
+    peer.sign_in(peer_person.login, peer_person.password)
+    url = f"/admin/accounts/{admin_person.id}/two-factor/reset"
+    done = peer.submit(peer.get(url), url, confirm_login=admin_person.login, reason="lost phone, ID checked")
+    assert done.status_code == 303 and not db_user(server, admin_person.id).has_totp
+    assert len(events(server, "mfa:totp:reset", admin_person.id)) == 1
+
+
+def test_the_operator_resets_a_second_factor_nobody_in_the_console_may(server, make_user):
+    from tests.integration.test_cli import run
+
+    officer = make_user(roles=("security_officer",))
+    assert db_user(server, officer.id).has_totp
+    refused = run(server, "users", "reset-2fa", officer.login, "--reason", " ")
+    assert refused.exit_code != 0 and "reason" in refused.output and db_user(server, officer.id).has_totp
+    unknown = run(server, "users", "reset-2fa", "nobody-" + officer.login, "--reason", "ID checked")
+    assert unknown.exit_code != 0 and "no account" in unknown.output
+    done = run(server, "users", "reset-2fa", officer.login, "--reason", "lost phone, ID checked in person")
+    assert done.exit_code == 0, done.output
+    assert not db_user(server, officer.id).has_totp
+    (event,) = events(server, "mfa:totp:reset", officer.id)
+    assert event.actor.startswith("cli") and event.reason == "lost phone, ID checked in person"
+    again = run(server, "users", "reset-2fa", officer.login, "--reason", "again")
+    assert again.exit_code != 0 and "not on" in again.output

@@ -277,6 +277,18 @@ def test_role_escalation_is_refused(server, make_client, make_user):
     assert api.call("PUT", f"/users/{person.id}/roles", json={"roles": ["teacher"]}).status_code == 200
 
 
+def test_no_activation_code_for_an_account_that_outranks_the_script(server, make_client, make_user):
+    # A support script (tech support's scopes) cannot take over a school admin's account.
+    client = machine_client(make_client, ["admin:users:read", "support:credentials:reset"])
+    api = Api(server.url, token_for(server, client))
+    chief = make_user(roles=("school_admin",))
+    refused = api.post(f"/users/{chief.id}/activation-code", json={"reason": "forgot password"})
+    assert refused.status_code == 403 and refused.json()["error"] == "account_outranks_caller"
+    assert "admin:users:write" in refused.json()["message"]
+    pupil = make_user(roles=("student",))
+    assert api.post(f"/users/{pupil.id}/activation-code", json={"reason": "forgot password"}).status_code == 200
+
+
 def test_audit_route_filters(server, admin, make_user):
     person = make_user()
     admin.post(f"/users/{person.id}/sessions/end", json={"reason": "filter check"})
