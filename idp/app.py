@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     # The request id and the access line, before any hook that may refuse the request.
     logs.init_app(app, settings.trusted_proxies)
-    observability.init_app(app, svc.redis)  # request latency for /metrics
+    observability.init_app(app, svc.metrics or observability.MetricsBuffer(svc.redis))  # request latency for /metrics
     csrf.init_app(app)
     i18n.init_app(app)
     security_headers.init_app(app, https=settings.is_https)

@@ -17,10 +17,13 @@ From the database (read at every scrape; indexed columns, a few small queries):
   the latest LDAP sync runs (connectors/ldap, table ``directory_sync_runs``);
 - the breach-case metrics of idp/breach/metrics.py (open cases, overdue, times).
 
-From Redis counters (``darbaza:metrics:*`` hashes, HINCRBY — shared by every process,
-one command per event, kept across process restarts; Redis persistence (AOF) keeps them
-across a Redis restart too, and when Redis loses them Prometheus sees an ordinary
-counter reset):
+From Redis counters (``darbaza:metrics:*`` hashes — shared by every process, kept across
+process restarts; Redis persistence (AOF) keeps them across a Redis restart too, and when
+Redis loses them Prometheus sees an ordinary counter reset). Each process adds its events
+up in memory (``MetricsBuffer``) and moves them to Redis in one pipeline at most once a
+second, after a response is sent (never in a request's way), and whenever it answers a
+scrape; a Redis failure keeps them in memory and retries 30 s later. A scrape answered by
+one gunicorn worker therefore shows the other workers' last second at their next flush:
 
 - ``darbaza_signins_total{result}``: sign-in outcomes, counted by the journal's only
   writer (``Journal.record``, idp/audit/journal.py) for every ``account:login:<result>``
@@ -31,12 +34,9 @@ counter reset):
   (idp/oidc/server.py), by grant and by kind (access_token, refresh_token, id_token),
   counted when the transaction that records them commits;
 - ``darbaza_http_request_duration_seconds{endpoint,status}``: a histogram of request
-  latency by Flask endpoint and status code. Each process adds up its observations in
-  memory and adds them to Redis at most once a second (after the response is sent, never
-  in the request's way) and whenever it answers a scrape; a Redis failure keeps them in
-  memory and retries 30 s later. The last second of an idle process shows at its next
-  request. Counting in Redis rather than per process matters with gunicorn: a scrape is
-  answered by any one worker, and per-process counters would jump between workers.
+  latency by Flask endpoint and status code. Counting in Redis rather than per process
+  matters with gunicorn: a scrape is answered by any one worker, and per-process
+  counters would jump between workers.
 
 Also ``darbaza_up`` (1 when this process answers), ``darbaza_build_info{version,python}``,
 and ``darbaza_metrics_source_up{source}`` (0 when the database or Redis could not be
@@ -95,45 +95,33 @@ def count_on_commit(session: Session, counter: str, field: str, amount: int = 1)
     session.info.setdefault(_PENDING, []).append((counter, field, amount))
 
 
-def install_commit_counters(factory: sessionmaker[Session], redis: Redis) -> None:
-    @event.listens_for(factory, "after_commit")
-    def _flush(session: Session) -> None:
-        pending = session.info.pop(_PENDING, None)
-        if not pending:
-            return
-        try:
-            pipe = redis.pipeline(transaction=False)
-            for counter, field, amount in pending:
-                pipe.hincrby(counter, field, amount)
-            pipe.execute()
-        except RedisError as exc:  # a metric must never undo a committed change
-            log.warning("metrics counters not updated: %s", exc.__class__.__name__)
-
-    @event.listens_for(factory, "after_rollback")
-    def _drop(session: Session) -> None:
-        session.info.pop(_PENDING, None)
-
-
-# --- request latency --------------------------------------------------------------------------
-class LatencyRecorder:
-    """Adds up request durations per (endpoint, status) in memory and moves them to Redis."""
+class MetricsBuffer:
+    """This process's metric increments, added up in memory and moved to Redis in one
+    pipeline by ``flush``: integer increments of hash fields (counters, histogram buckets)
+    and float ones (histogram sums). The fields are bounded (results, grants, endpoints x
+    statuses), so a Redis outage only grows a few sums."""
 
     def __init__(self, redis: Redis, *, flush_every: float = 1.0, retry_after: float = 30.0) -> None:
         self.redis = redis
         self.flush_every = flush_every
         self.retry_after = retry_after
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-        self._sums: dict[str, float] = {}
+        self._counts: dict[tuple[str, str], int] = {}
+        self._sums: dict[tuple[str, str], float] = {}
         self._next_flush = 0.0
 
+    def count(self, counter: str, field: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counts[counter, field] = self._counts.get((counter, field), 0) + amount
+
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        """One request's latency in the ``darbaza_http_request_duration_seconds`` histogram."""
         index = next((i for i, bound in enumerate(LATENCY_BUCKETS) if seconds <= bound), len(LATENCY_BUCKETS))
         series = f"{endpoint}|{status}"
         with self._lock:
-            key = f"{series}|{index}"
+            key = (LATENCY, f"{series}|{index}")
             self._counts[key] = self._counts.get(key, 0) + 1
-            self._sums[series] = self._sums.get(series, 0.0) + seconds
+            self._sums[LATENCY_SUM, series] = self._sums.get((LATENCY_SUM, series), 0.0) + seconds
 
     def maybe_flush(self) -> None:
         if time.monotonic() >= self._next_flush:
@@ -148,25 +136,39 @@ class LatencyRecorder:
             return
         try:
             pipe = self.redis.pipeline(transaction=False)
-            for key, count in counts.items():
-                pipe.hincrby(LATENCY, key, count)
-            for series, total in sums.items():
-                pipe.hincrbyfloat(LATENCY_SUM, series, total)
+            for (name, field), count in counts.items():
+                pipe.hincrby(name, field, count)
+            for (name, field), total in sums.items():
+                pipe.hincrbyfloat(name, field, total)
             pipe.execute()
         except RedisError as exc:
-            # Keep them for the next try (the keys are bounded: endpoints x statuses).
+            # Keep them for the next try; a metric never fails a request.
             with self._lock:
                 for key, count in counts.items():
                     self._counts[key] = self._counts.get(key, 0) + count
-                for series, total in sums.items():
-                    self._sums[series] = self._sums.get(series, 0.0) + total
+                for key, total in sums.items():
+                    self._sums[key] = self._sums.get(key, 0.0) + total
                 self._next_flush = time.monotonic() + self.retry_after
-            log.warning("request latency not saved to redis: %s", exc.__class__.__name__)
+            log.warning("metrics not saved to redis: %s", exc.__class__.__name__)
 
 
-def init_app(app: Flask, redis: Redis) -> None:
-    """Time every request; the observation is added after the response is sent."""
-    recorder = LatencyRecorder(redis)
+def install_commit_counters(factory: sessionmaker[Session], buffer: MetricsBuffer) -> None:
+    """Counts added with ``count_on_commit`` reach ``buffer`` when the session commits."""
+
+    @event.listens_for(factory, "after_commit")
+    def _committed(session: Session) -> None:
+        for counter, field, amount in session.info.pop(_PENDING, None) or ():
+            buffer.count(counter, field, amount)
+
+    @event.listens_for(factory, "after_rollback")
+    def _drop(session: Session) -> None:
+        session.info.pop(_PENDING, None)
+
+
+# --- request latency --------------------------------------------------------------------------
+def init_app(app: Flask, recorder: MetricsBuffer) -> None:
+    """Time every request; the observation is added, and the buffer moved to Redis when
+    due, after the response is sent."""
     app.extensions["darbaza.latency"] = recorder
 
     @app.before_request

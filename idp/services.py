@@ -20,7 +20,7 @@ from idp.mfa.passkeys import PasskeyService
 from idp.mfa.service import TwoFactorService
 from idp.notify.jobs import build_mail_transport, build_outbox
 from idp.notify.outbox import Outbox
-from idp.observability import install_commit_counters
+from idp.observability import MetricsBuffer, install_commit_counters
 from idp.oidc.backchannel import BackchannelLogout
 from idp.oidc.keys import KeyService, build_key_service
 from idp.oidc.tokens import TokenService
@@ -62,6 +62,8 @@ class Services:
     # The time the access decision (idp/access/decision.py) is taken at; aware UTC. Tests
     # replace it to run the provider at a fixed moment.
     clock: Clock = field(default=utc_now)
+    # This process's metric increments on their way to Redis (idp/observability.py).
+    metrics: MetricsBuffer | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -75,8 +77,10 @@ class Services:
         )
         tokens = TokenService(settings=settings, keys=keys)
         journal = Journal()
-        # Sign-ins and tokens counted in Redis once their transaction commits (/metrics).
-        install_commit_counters(db.factory, redis)
+        # Sign-ins and tokens counted once their transaction commits, request latency:
+        # added up in this process and moved to Redis once a second (/metrics).
+        metrics = MetricsBuffer(redis)
+        install_commit_counters(db.factory, metrics)
         backchannel = BackchannelLogout(settings=settings, tokens=tokens, journal=journal, redis=redis)
         return cls(
             settings=settings,
@@ -121,6 +125,7 @@ class Services:
             ),
             passkeys=PasskeyService(redis=redis, issuer=settings.issuer, rp_name=settings.school_name),
             backchannel=backchannel,
+            metrics=metrics,
         )
 
 

@@ -29,6 +29,7 @@ class KeyService:
         self._lock = threading.Lock()
         self._loaded_at = 0.0
         self._signing: RSAKey | None = None
+        self._signing_kid: str | None = None
         self._public: KeySet = KeySet([])
         self._jwks: dict[str, Any] = {"keys": []}
 
@@ -64,10 +65,20 @@ class KeyService:
             self.create_key(session)
 
     # --- reading ---------------------------------------------------------------
+    def _fresh(self) -> bool:
+        return self._signing is not None and time.monotonic() - self._loaded_at < self._cache_seconds
+
     def _load(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._loaded_at < self._cache_seconds and self._signing:
+        """Read the keys again when the cache is older than ``cache_seconds`` or when
+        ``force`` (a kid nobody knows: perhaps another process just rotated; a made-up kid
+        costs one small query, the key objects are kept)."""
+        if not force and self._fresh():
             return
         with self._lock:
+            # The threads that found the cache stale queue here: the first reloads, the
+            # others find it fresh again.
+            if not force and self._fresh():
+                return
             now = int(time.time())
             session: Session = self._session_factory()
             try:
@@ -79,9 +90,18 @@ class KeyService:
             if not active:
                 raise RuntimeError("no signing key: run `darbaza db upgrade` or `darbaza keys rotate`")
             current = active[-1]
-            self._signing = RSAKey.import_key(self._box.open(current.private_key_encrypted).decode(), {"kid": current.kid, "alg": "RS256", "use": "sig"})
-            self._jwks = {"keys": [dict(r.public_jwk) for r in published]}
-            self._public = KeySet.import_key_set(self._jwks)  # type: ignore[arg-type]
+            # Opening and importing a private key costs tens of milliseconds (RSA
+            # validation); a reload that finds the same keys keeps the imported objects.
+            if self._signing is None or self._signing_kid != current.kid:
+                self._signing = RSAKey.import_key(
+                    self._box.open(current.private_key_encrypted).decode(),
+                    {"kid": current.kid, "alg": "RS256", "use": "sig"},
+                )
+                self._signing_kid = current.kid
+            jwks = {"keys": [dict(r.public_jwk) for r in published]}
+            if jwks != self._jwks:
+                self._jwks = jwks
+                self._public = KeySet.import_key_set(jwks)  # type: ignore[arg-type]
             self._loaded_at = time.monotonic()
 
     def signing_key(self) -> RSAKey:

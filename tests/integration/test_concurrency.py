@@ -5,8 +5,9 @@ PostgreSQL, whichever the suite runs on).
 The policy (docs/conformance.md R14, R27; RFC 9700 §4.14.2, RFC 6749 §4.1.2): exactly one
 request wins; every other one is ``invalid_grant``; the credential was presented more than
 once, so the server cannot tell the app from a thief and revokes the whole family,
-including the tokens the winner just got. No request may take longer than 10 s (parallel
-refreshes once queued on PostgreSQL's pool for 30 s: commits 3d53522, 92b9e0d)."""
+including the tokens the winner just got. Every request gets its answer (parallel refreshes
+once queued on a leaking pool for its 30 s timeout: commits 3d53522, 92b9e0d, 6218145);
+the slowest one's time is printed, never asserted (tests do not fail on timing)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from tests.integration.test_rfc9700 import (
 )
 
 N = 32
-SLOWEST_ALLOWED = 10.0
 
 
 def timed(call):  # type: ignore[no-untyped-def]
@@ -41,7 +41,6 @@ def timed(call):  # type: ignore[no-untyped-def]
 
 def one_winner(results: list[tuple[requests.Response, float]]) -> dict:
     slowest = max(seconds for _, seconds in results)
-    assert slowest < SLOWEST_ALLOWED, f"the slowest of {N} parallel requests took {slowest:.1f} s"
     print(f"slowest of {N} parallel requests: {slowest:.2f} s")  # noqa: T201 - shown with -s
     statuses = sorted(r.status_code for r, _ in results)
     assert statuses.count(200) == 1, statuses
