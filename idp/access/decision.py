@@ -80,7 +80,6 @@ class AccountFacts:
     active: bool = True
     locked: bool = False
     roles: frozenset[str] = frozenset()
-    has_second_factor: bool = False
 
     @classmethod
     def of(cls, user: User) -> AccountFacts:
@@ -89,7 +88,6 @@ class AccountFacts:
             active=bool(user.active),
             locked=bool(user.locked),
             roles=frozenset(user.role_names),
-            has_second_factor=bool(user.has_second_factor),
         )
 
 

@@ -21,7 +21,7 @@ BISHKEK = ZoneInfo("Asia/Bishkek")
 NETWORKS = {"school": ["10.0.0.0/8", "fd00:5c::/32"], "lab": ["10.20.0.0/16"], "library": ["192.168.7.0/24"]}
 SETTINGS = AccessSettings(networks=NETWORKS, shared_networks=frozenset({"lab"}), idle_timeout=3600,
                           absolute_timeout=43200, shared_idle_timeout=900, shared_absolute_timeout=3600)
-STUDENT = AccountFacts(id=7, roles=frozenset({"student"}), has_second_factor=False)
+STUDENT = AccountFacts(id=7, roles=frozenset({"student"}))
 INSIDE = "10.1.2.3"
 OUTSIDE = "203.0.113.9"
 
@@ -424,8 +424,7 @@ rules = st.builds(
     absolute_timeout=maybe(st.integers(600, 86400)),
 )
 facts = st.builds(AccountFacts, id=st.just(1), active=st.booleans(), locked=st.booleans(),
-                  roles=st.frozensets(st.sampled_from(["student", "teacher", "staff"])),
-                  has_second_factor=st.booleans())
+                  roles=st.frozensets(st.sampled_from(["student", "teacher", "staff"])))
 contexts = st.builds(
     AccessContext,
     phase=st.sampled_from(d.PHASES),
