@@ -106,6 +106,16 @@ def users_create(
         click.echo(f"password: {password}")
 
 
+def _account(session: Any, login: str) -> User:
+    """The account with this login, or the command stops with a clear message."""
+    from idp.accounts.service import normalise_login
+
+    user = session.scalar(select(User).where(User.login == normalise_login(login)))
+    if user is None:
+        raise click.ClickException(f"no account with the login {login}")
+    return user
+
+
 @users.command("export")
 @click.argument("login")
 @click.option("--reason", required=True, help="Whose request this is and how it was made (kept in the audit journal).")
@@ -115,16 +125,13 @@ def users_create(
 def users_export(login: str, reason: str, out: Path | None) -> None:
     """Export a person's personal data as JSON, for their request (README, "Personal data").
     Journalled privacy:export:admin with the reason."""
-    from idp.accounts.service import normalise_login
     from idp.privacy import export_personal_data
 
     if not reason.strip():
         raise click.ClickException("give a reason: whose request this is and how it was made")
     svc = services()
     with svc.db.transaction() as session:
-        user = session.scalar(select(User).where(User.login == normalise_login(login)))
-        if user is None:
-            raise click.ClickException(f"no account with the login {login}")
+        user = _account(session, login)
         document = export_personal_data(session, user, sessions=svc.sessions.list(user.id))
         svc.journal.record(session, actor=_cli_actor(), action="privacy:export:admin", subject=f"user:{user.id}",
                            reason=reason.strip(), details={"format": document["format"], "via": "cli"})
@@ -149,15 +156,12 @@ def users_reset_2fa(login: str, reason: str) -> None:
     security officer's). Journalled mfa:totp:reset with the operator as actor."""
     from idp.access.permissions import PERMISSIONS
     from idp.accounts.admin import AccountAdmin, Actor
-    from idp.accounts.service import normalise_login
 
     if not reason.strip():
         raise click.ClickException("give a reason: who asked and how you made sure it is them")
     svc = services()
     with svc.db.transaction() as session:
-        user = session.scalar(select(User).where(User.login == normalise_login(login)))
-        if user is None:
-            raise click.ClickException(f"no account with the login {login}")
+        user = _account(session, login)
         admin = AccountAdmin(db=session, journal=svc.journal, passwords=svc.passwords, sessions=svc.sessions,
                              login_throttle=svc.login_account_throttle, two_factor=svc.two_factor)
         try:

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,27 +41,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
+def start_redis(port: int, workdir: Path, *, appendonly: bool = False) -> subprocess.Popen[bytes]:
+    """A redis-server on 127.0.0.1:``port`` keeping its files in ``workdir``, answering
+    PING when this returns. ``appendonly``: every write on disk at once (AOF, fsync
+    always), so that a restart on the same port and directory keeps the data."""
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
     proc = subprocess.Popen(  # noqa: S603 - fixed argv
         [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port", str(port),
-         "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+         "--save", "", *persistence, "--dir", str(workdir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     client = redis_lib.Redis(port=port)
     deadline = time.time() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis_lib.ConnectionError:
-            if time.time() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.05)
+    try:
+        while True:
+            try:
+                client.ping()
+                return proc
+            except redis_lib.ConnectionError:
+                if time.time() > deadline:
+                    proc.kill()
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
@@ -86,18 +97,28 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         upgrade(url)
         yield url
         return
-    base = make_url(kind)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    name = f"darbaza_{worker}_{secrets.token_hex(4)}"
+    with postgres_database(kind, f"darbaza_{worker}") as url:
+        yield url
+
+
+@contextmanager
+def postgres_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A new, migrated database ``<prefix>_<random>`` on the PostgreSQL cluster of
+    ``server_url``, dropped afterwards."""
+    base = make_url(server_url)
+    name = f"{prefix}_{secrets.token_hex(4)}"
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = base.set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 class LiveServer:
@@ -113,6 +134,21 @@ class LiveServer:
 
     def stop(self) -> None:
         self._server.shutdown()
+
+    @classmethod
+    def serve(cls, database_url: str, redis_url: str, **overrides: object) -> LiveServer:
+        """A provider of its own on a free loopback port (``make_settings`` + overrides)."""
+        port = free_port()
+        live = cls(create_app(make_settings(database_url, redis_url, f"http://127.0.0.1:{port}", **overrides)), port)
+        live.start()
+        return live
+
+    def close(self) -> None:
+        """Stop serving and give back the app's database and Redis connections."""
+        self.stop()
+        self.services.db.remove()
+        self.services.db.dispose()
+        self.services.redis.close()
 
     @property
     def services(self) -> Services:
@@ -160,10 +196,7 @@ def server(database_url: str, redis_url: str) -> Iterator[LiveServer]:
     live = LiveServer(app, port)
     live.start()
     yield live
-    live.stop()
-    svc.db.remove()
-    svc.db.dispose()
-    svc.redis.close()
+    live.close()
 
 
 @pytest.fixture

@@ -25,13 +25,12 @@ from sqlalchemy.engine import make_url
 from idp.accounts import obligations
 from idp.accounts.models import ObligationAcceptance, User
 from idp.accounts.service import create_user
-from idp.app import create_app
 from idp.audit.models import AuditEvent
 from idp.cli import main
 from idp.migrate import upgrade
 from idp.oidc.clients import create_client
 from idp.oidc.models import SigningKey
-from tests.conftest import TEST_SECRET_KEY, LiveServer, free_port, make_settings
+from tests.conftest import TEST_SECRET_KEY, LiveServer, postgres_database
 from tests.helpers import Browser, ClientInfo, UserInfo, decode_verified
 from tests.integration.test_rfc9700 import exchange, get_code
 
@@ -44,17 +43,8 @@ def own_database(database_url: str, tmp_path: Path) -> Iterator[str]:
         upgrade(url)
         yield url
         return
-    base = make_url(database_url)
-    name = f"darbaza_backup_{secrets.token_hex(4)}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = base.set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with postgres_database(database_url, "darbaza_backup") as url:
+        yield url
 
 
 @pytest.fixture
@@ -74,20 +64,6 @@ def cli(database_url: str, redis_url: str, *args: str, secret_key: str = TEST_SE
         "IDP_LOG_FORMAT": "text",
     }
     return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
-
-
-def serve(database_url: str, redis_url: str) -> LiveServer:
-    port = free_port()
-    live = LiveServer(create_app(make_settings(database_url, redis_url, f"http://127.0.0.1:{port}")), port)
-    live.start()
-    return live
-
-
-def stop(live: LiveServer) -> None:
-    live.stop()
-    live.services.db.remove()
-    live.services.db.dispose()
-    live.services.redis.close()
 
 
 def add_people(live: LiveServer) -> tuple[UserInfo, UserInfo, ClientInfo]:
@@ -124,7 +100,7 @@ def sign_in_with_totp(browser: Browser, person: UserInfo) -> None:
 
 
 def test_backup_and_restore_round_trip(own_database: str, own_redis: str, tmp_path: Path) -> None:
-    before = serve(own_database, own_redis)
+    before = LiveServer.serve(own_database, own_redis)
     try:
         with before.services.db.transaction() as db:
             before.services.keys.ensure_key(db)
@@ -136,7 +112,7 @@ def test_backup_and_restore_round_trip(own_database: str, own_redis: str, tmp_pa
         id_token = answer.json()["id_token"]
         kid_before = decode_verified(id_token, requests.get(before.url + "/jwks.json", timeout=10).json())[0]["kid"]
     finally:
-        stop(before)
+        before.close()
 
     # The backup, with its manifest.
     out = tmp_path / "backups" / "darbaza.backup"
@@ -155,7 +131,7 @@ def test_backup_and_restore_round_trip(own_database: str, own_redis: str, tmp_pa
         conn.execute(User.__table__.update().where(User.__table__.c.id == student.id)
                      .values(locked=True, display_name="changed"))
     assert cli(own_database, own_redis, "keys", "rotate").exit_code == 0
-    after = serve(own_database, own_redis)
+    after = LiveServer.serve(own_database, own_redis)
     try:
         late, _, _ = add_people(after)
         assert Browser(after.url).sign_in(late.login, late.password).status_code == 303
@@ -164,7 +140,7 @@ def test_backup_and_restore_round_trip(own_database: str, own_redis: str, tmp_pa
         assert signed_in.get("/").status_code == 200
         session_cookies = dict(signed_in.http.cookies)
     finally:
-        stop(after)
+        after.close()
 
     # A damaged copy is refused before anything is touched.
     damaged = tmp_path / "damaged.backup"
@@ -199,7 +175,7 @@ def test_backup_and_restore_round_trip(own_database: str, own_redis: str, tmp_pa
         assert actions[-1] == "data:backup:restore" and "key:rotate" not in actions
     engine.dispose()
 
-    restored_server = serve(own_database, own_redis)
+    restored_server = LiveServer.serve(own_database, own_redis)
     try:
         # The token signed before the backup verifies against the restored JWKS.
         jwks = requests.get(restored_server.url + "/jwks.json", timeout=10).json()
@@ -215,17 +191,17 @@ def test_backup_and_restore_round_trip(own_database: str, own_redis: str, tmp_pa
         assert stale.get("/").status_code == 302
         assert Browser(restored_server.url).sign_in(late.login, late.password).status_code == 401
     finally:
-        stop(restored_server)
+        restored_server.close()
 
 
 def test_restore_needs_the_same_secret_key(own_database: str, own_redis: str, tmp_path: Path) -> None:
-    live = serve(own_database, own_redis)
+    live = LiveServer.serve(own_database, own_redis)
     try:
         with live.services.db.transaction() as db:
             live.services.keys.ensure_key(db)
         add_people(live)
     finally:
-        stop(live)
+        live.close()
     out = tmp_path / "keyed.backup"
     assert cli(own_database, own_redis, "backup", str(out)).exit_code == 0
     other_key = cli(own_database, own_redis, "restore", str(out), "--yes", secret_key="another-" + secrets.token_hex(8))
@@ -237,13 +213,13 @@ def test_restore_needs_the_same_secret_key(own_database: str, own_redis: str, tm
 
 def test_restore_into_an_empty_database_needs_no_yes(own_database: str, own_redis: str, tmp_path: Path,
                                                      database_url: str) -> None:
-    live = serve(own_database, own_redis)
+    live = LiveServer.serve(own_database, own_redis)
     try:
         with live.services.db.transaction() as db:
             live.services.keys.ensure_key(db)
         student, _, _ = add_people(live)
     finally:
-        stop(live)
+        live.close()
     out = tmp_path / "fresh.backup"
     assert cli(own_database, own_redis, "backup", str(out)).exit_code == 0
     if own_database.startswith("sqlite"):

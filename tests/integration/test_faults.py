@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import os
 import secrets
-import shutil
 import sqlite3
 import subprocess
 import tempfile
@@ -24,7 +23,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import redis as redis_lib
 import requests
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -32,13 +30,12 @@ from sqlalchemy.engine import make_url
 from connectors.mail import SmtpTransport
 from idp.accounts.models import User
 from idp.accounts.service import create_user
-from idp.app import create_app
 from idp.audit.models import AuditEvent
 from idp.breach.models import BreachCase
 from idp.migrate import upgrade
 from idp.notify.models import OutboxMessage
 from idp.oidc.clients import create_client
-from tests.conftest import LiveServer, free_port, make_settings
+from tests.conftest import LiveServer, free_port, start_redis
 from tests.helpers import SECOND_FACTORS, Browser, ClientInfo, UserInfo
 from tests.integration.test_breach_reports import local_input
 from tests.integration.test_outbox import SmtpServer
@@ -66,43 +63,13 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = redis_lib.Redis(port=self.port)
-        deadline = time.time() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis_lib.ConnectionError:
-                if time.time() > deadline:
-                    self.proc.kill()
-                    raise
-                time.sleep(0.05)
-        client.close()
+        self.proc = start_redis(self.port, self.workdir, appendonly=True)
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
             self.proc = None
-
-
-def own_server(database_url: str, redis_url: str) -> LiveServer:
-    port = free_port()
-    live = LiveServer(create_app(make_settings(database_url, redis_url, f"http://127.0.0.1:{port}")), port)
-    live.start()
-    return live
-
-
-def close(live: LiveServer) -> None:
-    live.stop()
-    live.services.db.remove()
-    live.services.db.dispose()
-    live.services.redis.close()
 
 
 def english(base: str) -> Browser:
@@ -141,9 +108,9 @@ def redis_fault(database_url: str, server: LiveServer, tmp_path: Path) -> Iterat
     """A provider on a Redis of its own (the shared ``server`` made the signing key)."""
     redis = RedisProcess(tmp_path)
     redis.start()
-    live = own_server(database_url, redis.url)
+    live = LiveServer.serve(database_url, redis.url)
     yield live, redis
-    close(live)
+    live.close()
     redis.stop()
 
 
@@ -236,7 +203,7 @@ def test_a_locked_sqlite_database_is_a_clear_503_and_nothing_is_half_written(
     path = make_url(database_url).database
     assert path
     # The same file with a short wait for the write lock (the URL's ``timeout``; 30 s by default).
-    live = own_server(database_url + "?timeout=1", redis_url)
+    live = LiveServer.serve(database_url + "?timeout=1", redis_url)
     try:
         newcomer, reporter, target = make_user(), make_user(), make_user(display_name="Before the lock")
         admin = make_user(roles=("school_admin",))
@@ -291,7 +258,7 @@ def test_a_locked_sqlite_database_is_a_clear_503_and_nothing_is_half_written(
         assert display_name(live, target.id) == "Changed"
         audit_ok(live)
     finally:
-        close(live)
+        live.close()
 
 
 # --- PostgreSQL stopped ------------------------------------------------------------------------------
@@ -335,7 +302,7 @@ def test_postgresql_stopped_is_a_clear_503_and_the_service_resumes_when_it_is_ba
     try:
         cluster.create()
         upgrade(cluster.url)
-        live = own_server(cluster.url, redis_url)
+        live = LiveServer.serve(cluster.url, redis_url)
         try:
             svc = live.services
             password = "correct horse battery " + secrets.token_hex(4)
@@ -373,7 +340,7 @@ def test_postgresql_stopped_is_a_clear_503_and_the_service_resumes_when_it_is_ba
             signed_in(live.url, person)
             audit_ok(live)
         finally:
-            close(live)
+            live.close()
     finally:
         cluster.destroy()
 
