@@ -103,9 +103,9 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @contextmanager
-def postgres_database(server_url: str, prefix: str) -> Iterator[str]:
-    """A new, migrated database ``<prefix>_<random>`` on the PostgreSQL cluster of
-    ``server_url``, dropped afterwards."""
+def postgres_database(server_url: str, prefix: str, *, migrate: bool = True) -> Iterator[str]:
+    """A new database ``<prefix>_<random>`` on the PostgreSQL cluster of ``server_url``,
+    migrated (or left empty: ``migrate=False``), dropped afterwards."""
     base = make_url(server_url)
     name = f"{prefix}_{secrets.token_hex(4)}"
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
@@ -113,7 +113,8 @@ def postgres_database(server_url: str, prefix: str) -> Iterator[str]:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = base.set(database=name).render_as_string(hide_password=False)
     try:
-        upgrade(url)
+        if migrate:
+            upgrade(url)
         yield url
     finally:
         with admin.connect() as conn:

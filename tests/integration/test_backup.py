@@ -11,6 +11,7 @@ import json
 import secrets
 import shutil
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,8 +20,7 @@ import pytest
 import redis as redis_lib
 import requests
 from click.testing import CliRunner, Result
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, select
 
 from idp.accounts import obligations
 from idp.accounts.models import ObligationAcceptance, User
@@ -222,27 +222,17 @@ def test_restore_into_an_empty_database_needs_no_yes(own_database: str, own_redi
         live.close()
     out = tmp_path / "fresh.backup"
     assert cli(own_database, own_redis, "backup", str(out)).exit_code == 0
-    if own_database.startswith("sqlite"):
-        target = f"sqlite:///{tmp_path / 'brand-new.sqlite3'}"  # not even created yet
-    else:
-        base = make_url(database_url)
-        name = f"darbaza_empty_{secrets.token_hex(4)}"
-        admin = create_engine(base, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        target = base.set(database=name).render_as_string(hide_password=False)
-    try:
+    with ExitStack() as stack:
+        if own_database.startswith("sqlite"):
+            target = f"sqlite:///{tmp_path / 'brand-new.sqlite3'}"  # not even created yet
+        else:
+            target = stack.enter_context(postgres_database(database_url, "darbaza_empty", migrate=False))
         result = cli(target, own_redis, "restore", str(out))
         assert result.exit_code == 0, result.output
         engine = create_engine(target)
         with engine.connect() as conn:
             assert conn.scalar(select(User.login).where(User.id == student.id)) == student.login
         engine.dispose()
-    finally:
-        if not own_database.startswith("sqlite"):
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
 
 
 def test_pg_dump_missing_is_a_clear_error(database_url: str, own_redis: str, tmp_path: Path,

@@ -45,14 +45,8 @@ from admin_ui import openapi
 from idp.access.permissions import PERMISSIONS
 from idp.accounts.service import create_user
 from idp.oidc.clients import create_client
+from tests.integration.admin.test_openapi import API, OPERATIONS
 
-API = openapi.API_PREFIX
-OPERATIONS = [
-    (path, method.upper())
-    for path, item in openapi.document("http://127.0.0.1")["paths"].items()
-    for method in item
-    if path != "/openapi.json"
-]
 # Positive data: the answer must depend on the token (ignored_auth probes the same request
 # without one and with a wrong one), required headers and methods are enforced. Negative
 # data: refused with a 4xx (a generated request may itself carry a broken Authorization).
