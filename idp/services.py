@@ -22,6 +22,7 @@ from idp.notify.jobs import build_mail_transport, build_outbox
 from idp.notify.outbox import Outbox
 from idp.observability import MetricsBuffer, install_commit_counters
 from idp.oidc.backchannel import BackchannelLogout
+from idp.oidc.client_cache import ClientCache
 from idp.oidc.keys import KeyService, build_key_service
 from idp.oidc.tokens import TokenService
 from idp.redis_client import connect_redis
@@ -64,6 +65,8 @@ class Services:
     clock: Clock = field(default=utc_now)
     # This process's metric increments on their way to Redis (idp/observability.py).
     metrics: MetricsBuffer | None = None
+    # Portal apps kept per process while unchanged (idp/oidc/client_cache.py).
+    clients: ClientCache | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -82,6 +85,8 @@ class Services:
         metrics = MetricsBuffer(redis)
         install_commit_counters(db.factory, metrics)
         backchannel = BackchannelLogout(settings=settings, tokens=tokens, journal=journal, redis=redis)
+        clients = ClientCache(redis, max_age=settings.client_cache_seconds)
+        clients.install(db.factory)
         return cls(
             settings=settings,
             db=db,
@@ -126,6 +131,7 @@ class Services:
             passkeys=PasskeyService(redis=redis, issuer=settings.issuer, rp_name=settings.school_name),
             backchannel=backchannel,
             metrics=metrics,
+            clients=clients,
         )
 
 

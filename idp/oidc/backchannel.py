@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import requests
 from redis import Redis
+from redis.client import Pipeline
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -108,11 +109,13 @@ class BackchannelLogout:
         self.apps_ttl = max(1, settings.session_absolute_timeout)
 
     # --- apps used from a session ---------------------------------------------------
-    def remember_app(self, sid: str | None, client_id: str) -> None:
-        """Note that ``client_id`` got a code or tokens for the browser session ``sid``."""
-        if not sid or self.redis is None:
+    def remember_app(self, sid: str | None, client_id: str, *, pipe: Pipeline | None = None) -> None:
+        """Note that ``client_id`` got a code or tokens for the browser session ``sid``
+        (in ``pipe`` when given: sent with the caller's other commands)."""
+        target = pipe if pipe is not None else self.redis
+        if not sid or target is None:
             return
-        self.redis.eval(REMEMBER_APP, 1, apps_key(sid), client_id, int(time.time()), self.apps_ttl)
+        target.eval(REMEMBER_APP, 1, apps_key(sid), client_id, int(time.time()), self.apps_ttl)
 
     # --- queueing -------------------------------------------------------------------
     def queue_for_session(

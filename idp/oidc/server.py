@@ -119,14 +119,19 @@ class _DarbazaGrantMixin:
         """Store the minted tokens (commit), then the bookkeeping that follows."""
         session = self.svc.db.session
         session.commit()
-        if user is not None:
-            # Back-channel logout: this app is used from the browser session (refreshes the TTL).
-            self.svc.backchannel.remember_app(context.sid, self.request.client.client_id)
+        if user is None:
+            return
+        # One round trip: back-channel logout learns that this app is used from the
+        # browser session (refreshes the TTL), and the replay mark below is read.
+        pipe = self.svc.redis.pipeline(transaction=False)
+        self.svc.backchannel.remember_app(context.sid, self.request.client.client_id, pipe=pipe)
+        pipe.exists(_burnt_key(context.family_id))
+        burnt = pipe.execute()[-1]
         # R14 / R27 race: the code or refresh token behind this family was replayed while
         # these tokens were being minted; that revocation may have run before they
         # existed, so revoke them now. (A client-credentials family is new: nothing
         # behind it can be replayed.)
-        if user is not None and self.svc.redis.exists(_burnt_key(context.family_id)):
+        if burnt:
             self.server.tokens.revoke_family(session, context.family_id)
             session.commit()
 
@@ -163,9 +168,10 @@ class _DarbazaGrantMixin:
         ``idp/sessions/registry.py``): a session that was ended or timed out (idle or
         absolute, its own limits) refuses the code or refresh token with invalid_grant,
         and every token of that session is revoked now (the sweep tells its apps)."""
+        self._session_seen: dict[str, Any] | None = None
         if not sid:
             return
-        state = self.svc.sessions.state(sid)
+        state, self._session_seen = self.svc.sessions.check(sid)
         if state == "live":
             return
         session = self.svc.db.session
@@ -384,7 +390,7 @@ class RefreshGrant(_DarbazaGrantMixin, grants.RefreshTokenGrant):
         if old.sid:
             # A refresh is the person using the session through a portal app (as in
             # Keycloak): it restarts the session's idle clock, never its absolute one.
-            self.svc.sessions.touch(old.sid)
+            self.svc.sessions.touch(old.sid, seen=getattr(self, "_session_seen", None))
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
     def revoke_old_credential(self, refresh_token: RefreshToken) -> None:
@@ -526,7 +532,10 @@ class DarbazaAuthorizationServer(AuthorizationServer):
         # No client id holds a NUL, and PostgreSQL refuses one in a query (a 500 before).
         if not client_id or len(client_id) > 64 or "\x00" in client_id:
             return None
-        client = self.svc.db.session.scalar(select(Client).where(Client.client_id == client_id))
+        session = self.svc.db.session
+        clients = self.svc.clients
+        client = (clients.lookup(session, client_id) if clients is not None
+                  else session.scalar(select(Client).where(Client.client_id == client_id)))
         return client if client is not None and client.active else None
 
     def save_token(self, token: dict[str, Any], request: Any) -> None:

@@ -76,6 +76,13 @@ SWEEP_BATCH = 500
 # sid, 10 its sign-in time.
 # Returns {1, live sessions before, replaced session or '', ended sessions...} or
 # {0, live sessions} when the sign-in is refused (nothing is changed then).
+# The session record behind a sid, in one round trip (sid -> record key -> record).
+READ_BY_SID = """
+local key = redis.call('GET', KEYS[1])
+if not key then return false end
+return redis.call('GET', key)
+"""
+
 CREATE = INDEX_AS_ZSET + """
 index_as_zset(KEYS[1])
 local live = {}
@@ -207,6 +214,7 @@ class SessionRegistry:
         self._create = redis.register_script(CREATE)
         self._remove = redis.register_script(REMOVE)
         self._convert_index = redis.register_script(CONVERT_INDEX)
+        self._read_by_sid = redis.register_script(READ_BY_SID)
 
     # --- reading ------------------------------------------------------------------------
     def _deadline(self, data: dict[str, Any], now: float) -> tuple[float, str]:
@@ -276,21 +284,28 @@ class SessionRegistry:
     def state(self, sid: str, *, now: float | None = None) -> str:
         """Whether the session ``sid`` is ``live``, ``ended`` (gone) or timed out
         (``idle`` / ``absolute``); checked at every refresh."""
+        return self.check(sid, now=now)[0]
+
+    def check(self, sid: str, *, now: float | None = None) -> tuple[str, dict[str, Any] | None]:
+        """``state`` and the session's record when it is live (for ``touch``)."""
         moment = time.time() if now is None else now
-        key = self.redis.get(sid_key(sid))
-        raw = self.redis.get(_text(key)) if key else None
+        raw = self._read_by_sid(keys=[sid_key(sid)])
         if raw is None:
-            return ENDED
+            return ENDED, None
         data = json.loads(raw)
         if data.get("sid") != sid or data.get("uid") is None:
-            return ENDED
+            return ENDED, None
         ends, kind = self._deadline(data, moment)
-        return LIVE if moment < ends else kind
+        return (LIVE, data) if moment < ends else (kind, None)
 
-    def touch(self, sid: str, *, now: float | None = None) -> None:
+    def touch(self, sid: str, *, now: float | None = None, seen: dict[str, Any] | None = None) -> None:
         """A portal app used the session (a refresh): restart its idle clock. Written
-        only when the session is still there (never brings an ended one back)."""
+        only when the session is still there (never brings an ended one back). ``seen``:
+        the record ``check`` just read; written no more than once a ``TOUCH_INTERVAL``,
+        so a record touched less than that ago costs no round trip."""
         moment = time.time() if now is None else now
+        if seen is not None and seen.get("sid") == sid and moment - float(seen.get("last_seen") or 0) < TOUCH_INTERVAL:
+            return
         key_raw = self.redis.get(sid_key(sid))
         if not key_raw:
             return

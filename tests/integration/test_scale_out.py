@@ -23,7 +23,10 @@ from urllib.parse import parse_qs
 
 import pytest
 import requests
+from sqlalchemy import select
 
+from idp.oidc.clients import rotate_secret
+from idp.oidc.models import Client
 from tests.conftest import TEST_SECRET_KEY, LiveServer, free_port
 from tests.helpers import Browser, ClientInfo, UserInfo, decode_verified
 from tests.integration.test_sessions_registry import (
@@ -91,6 +94,9 @@ def cluster_env(issuer: str, database_url: str, redis_url: str) -> dict[str, str
         "IDP_REDIS_URL": redis_url,
         "IDP_SECRET_KEY": TEST_SECRET_KEY,
         "IDP_KEY_CACHE_SECONDS": "1",
+        # Apps stay in memory far longer than any wait below: only the change announced
+        # in Redis can make a process read an app again in time.
+        "IDP_CLIENT_CACHE_SECONDS": "300",
         "IDP_DATABASE_POOL_SIZE": "4",
         "IDP_OUTBOX_POLL_SECONDS": "1",
         "IDP_ARGON2_TIME_COST": "1",
@@ -380,3 +386,43 @@ def test_a_key_rotation_is_published_and_used_by_both_processes(cluster, make_us
         assert userinfo(base, old_tokens["access_token"]).json()["sub"] == person.subject
         assert introspect(base, client, old_tokens["access_token"])["active"] is True
         assert decode_verified(old_tokens["id_token"], jwks(base))[0]["kid"] == old_kid
+
+
+def client_credentials(base: str, client_id: str, secret: str) -> requests.Response:
+    return requests.post(base + "/token", data={"grant_type": "client_credentials"}, auth=(client_id, secret),
+                         timeout=10)
+
+
+def test_an_app_changed_anywhere_is_seen_by_both_processes(cluster, server, make_client):
+    """Each process keeps portal apps in memory (IDP_CLIENT_CACHE_SECONDS, 300 s in this
+    cluster); a change committed by another process (here the test's own, as the CLI or a
+    console on a third host would) is announced in Redis and seen by every process and
+    worker within the one-second poll, not after the cache time: an old secret stops
+    working and a disabled app gets no more tokens."""
+    client = make_client(grant_types=["client_credentials"], scopes=["openid"], redirect_uris=[],
+                         post_logout_redirect_uris=[])
+    for base in cluster.both:  # every worker of both processes has the app in memory
+        for _ in range(6):
+            assert client_credentials(base, client.client_id, client.client_secret).status_code == 200
+
+    with server.services.db.transaction() as session:
+        row = session.scalar(select(Client).where(Client.client_id == client.client_id))
+        new_secret = rotate_secret(row)
+    changed = time.monotonic()
+    for base in cluster.both:
+        wait_until(lambda base=base: all(
+            client_credentials(base, client.client_id, client.client_secret).status_code == 401 for _ in range(6)),
+            f"{base} refuses the replaced secret", timeout=15)
+    print(f"replaced secret refused everywhere after {time.monotonic() - changed:.2f} s")
+    for base in cluster.both:
+        for _ in range(4):
+            assert client_credentials(base, client.client_id, new_secret).status_code == 200
+
+    with server.services.db.transaction() as session:
+        session.scalar(select(Client).where(Client.client_id == client.client_id)).active = False
+    changed = time.monotonic()
+    for base in cluster.both:
+        wait_until(lambda base=base: all(
+            client_credentials(base, client.client_id, new_secret).status_code == 401 for _ in range(6)),
+            f"{base} refuses the disabled app", timeout=15)
+    print(f"disabled app refused everywhere after {time.monotonic() - changed:.2f} s")
