@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
 
@@ -38,7 +40,43 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
+    _ping_when_idle(engine)
+    return engine
+
+
+# A pooled server connection unused for this long is checked (``SELECT 1``) before use.
+PING_AFTER_IDLE = 5.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pessimistic disconnect handling for connections that sat idle only: SQLAlchemy's
+    ``pool_pre_ping`` checks at every checkout, one more round trip per request (0.3-0.45
+    ms of CPU on this machine, ~10% of a client-credentials request on PostgreSQL). A
+    connection in steady use has just worked; one idle for ``PING_AFTER_IDLE`` seconds (the
+    server restarted, a firewall dropped it) is checked and, when dead, replaced before
+    the request sees it. A connection that dies in the middle of steady use fails that
+    request (a 503), and the pool replaces every connection older than the failure."""
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn: Any, record: Any) -> None:
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _taken(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        returned = record.info.get("returned_at")
+        if returned is None or time.monotonic() - returned < PING_AFTER_IDLE:
+            return
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute("SELECT 1")
+        except Exception as error:  # any failure: the pool connects again and retries
+            raise exc.DisconnectionError() from error
+        finally:
+            try:
+                cursor.close()
+            except Exception:  # noqa: S110 - a dead connection may not close its cursor
+                pass
 
 
 class Database:

@@ -339,9 +339,11 @@ class ObligationAcceptance(Base):
 
 
 def load_account(session: Session, user_id: int) -> User | None:
-    """The account with its roles (and their permissions) and classes in ONE query, for
+    """The account with its roles (and their permissions), classes and children in ONE query, for
     the hot protocol paths (token, refresh, userinfo, introspection), where the default
     per-relationship loading costs four (bench/load.py; docs in README "Performance")."""
     return session.get(
-        User, user_id, options=[joinedload(User.roles).joinedload(Role.grants), joinedload(User.classes)]
+        User, user_id, options=[joinedload(User.roles).joinedload(Role.grants), joinedload(User.classes),
+                                # The ID token and /userinfo name a guardian's children.
+                                joinedload(User.children)]
     )

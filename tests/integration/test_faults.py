@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from connectors.mail import SmtpTransport
+from idp import db as db_module
 from idp.accounts.models import User
 from idp.accounts.service import create_user
 from idp.audit.models import AuditEvent
@@ -339,6 +340,48 @@ def test_postgresql_stopped_is_a_clear_503_and_the_service_resumes_when_it_is_ba
             assert answer.status_code == 200, answer.text
             signed_in(live.url, person)
             audit_ok(live)
+        finally:
+            live.close()
+    finally:
+        cluster.destroy()
+
+
+def test_postgresql_restarted_while_idle_the_next_requests_find_it_at_once(redis_url, monkeypatch):
+    """Pooled connections are checked before use only after sitting idle (idp/db.py,
+    PING_AFTER_IDLE; no ping per request under load): after a restart of PostgreSQL while
+    the provider was idle, the first requests already succeed (no 503 from a dead pooled
+    connection)."""
+    monkeypatch.setattr(db_module, "PING_AFTER_IDLE", 0.5)
+    cluster = PgCluster()
+    try:
+        cluster.create()
+        upgrade(cluster.url)
+        live = LiveServer.serve(cluster.url, redis_url)
+        try:
+            svc = live.services
+            password = "correct horse battery " + secrets.token_hex(4)
+            with svc.db.transaction() as session:
+                svc.keys.ensure_key(session)
+                login = create_user(session, svc.passwords, login=f"pg-{secrets.token_hex(4)}", display_name="P G",
+                                    password=password, roles=["student"]).login
+                app, secret = create_client(session, name="App", redirect_uris=["https://rp.example.test/cb"],
+                                            client_id="app-" + secrets.token_hex(4), trusted=True)
+                client = ClientInfo(app.client_id, secret, "https://rp.example.test/cb", "")
+            person = UserInfo(id=0, login=login, password=password, subject="")
+            tokens = get_tokens(live, signed_in(live.url, person), client, person)
+            # Several pooled connections, all alive.
+            for _ in range(4):
+                assert requests.get(live.url + "/userinfo", timeout=10,
+                                    headers={"Authorization": "Bearer " + tokens["access_token"]}).status_code == 200
+            cluster.stop()
+            cluster.start()
+            time.sleep(0.6)
+            for _ in range(4):
+                answer = requests.get(live.url + "/userinfo", timeout=10,
+                                      headers={"Authorization": "Bearer " + tokens["access_token"]})
+                assert answer.status_code == 200, answer.text
+            answer = refresh(live, client, tokens["refresh_token"])
+            assert answer.status_code == 200, answer.text
         finally:
             live.close()
     finally:
