@@ -73,9 +73,9 @@ class Settings:
     # How long a process caches the signing keys before re-reading them (rotation by
     # another process is seen within this time; an unknown kid forces a re-read).
     key_cache_seconds: int = 30
-    # How long a process keeps a portal app's registration in memory (0: never); a change
-    # to a client is seen by every process at its next request (a generation in Redis).
-    client_cache_seconds: int = 5
+    # How long a process keeps portal apps and access restrictions in memory (0: never); a
+    # change is seen by every process within a second (a generation in Redis, idp/row_cache.py).
+    cache_seconds: int = 5
     # argon2id parameters (RFC 9106 second recommended option as default).
     argon2_time_cost: int = 3
     argon2_memory_cost: int = 65536

@@ -22,10 +22,10 @@ from idp.notify.jobs import build_mail_transport, build_outbox
 from idp.notify.outbox import Outbox
 from idp.observability import MetricsBuffer, install_commit_counters
 from idp.oidc.backchannel import BackchannelLogout
-from idp.oidc.client_cache import ClientCache
 from idp.oidc.keys import KeyService, build_key_service
 from idp.oidc.tokens import TokenService
 from idp.redis_client import connect_redis
+from idp.row_cache import ClientCache, RestrictionCache
 from idp.sessions.registry import SessionRegistry
 
 
@@ -65,8 +65,9 @@ class Services:
     clock: Clock = field(default=utc_now)
     # This process's metric increments on their way to Redis (idp/observability.py).
     metrics: MetricsBuffer | None = None
-    # Portal apps kept per process while unchanged (idp/oidc/client_cache.py).
+    # Portal apps and access restrictions kept per process while unchanged (idp/row_cache.py).
     clients: ClientCache | None = None
+    restrictions: RestrictionCache | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -85,8 +86,10 @@ class Services:
         metrics = MetricsBuffer(redis)
         install_commit_counters(db.factory, metrics)
         backchannel = BackchannelLogout(settings=settings, tokens=tokens, journal=journal, redis=redis)
-        clients = ClientCache(redis, max_age=settings.client_cache_seconds)
+        clients = ClientCache(redis, max_age=settings.cache_seconds)
         clients.install(db.factory)
+        restrictions = RestrictionCache(redis, max_age=settings.cache_seconds)
+        restrictions.install(db.factory)
         return cls(
             settings=settings,
             db=db,
@@ -132,6 +135,7 @@ class Services:
             backchannel=backchannel,
             metrics=metrics,
             clients=clients,
+            restrictions=restrictions,
         )
 
 

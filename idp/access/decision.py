@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import or_, select
@@ -29,6 +29,9 @@ from idp.access.networks import OUTSIDE, in_any, network_of
 from idp.accounts.models import User
 from idp.config import Settings
 from idp.oidc.models import Client
+
+if TYPE_CHECKING:
+    from idp.row_cache import RestrictionCache
 
 SCHOOL_TZ = ZoneInfo("Asia/Bishkek")
 
@@ -375,8 +378,12 @@ def decide(facts: AccountFacts, rules: Iterable[Rule], context: AccessContext) -
 
 
 # --- for stored accounts ----------------------------------------------------------------
-def restrictions_for(db: Session, user: User) -> list[Restriction]:
-    """The restrictions that apply to ``user``: its own and those of its roles."""
+def restrictions_for(db: Session, user: User, cache: RestrictionCache | None = None) -> list[Restriction]:
+    """The restrictions that apply to ``user``: its own and those of its roles (from the
+    process's ``cache`` when given and current, idp/row_cache.py)."""
+    cached = cache.for_user(db, user) if cache is not None else None
+    if cached is not None:
+        return cached
     role_ids = [role.id for role in user.roles]
     condition = Restriction.user_id == user.id
     if role_ids:
@@ -384,9 +391,9 @@ def restrictions_for(db: Session, user: User) -> list[Restriction]:
     return list(db.scalars(select(Restriction).where(condition).order_by(Restriction.id)))
 
 
-def rules_for(db: Session, user: User) -> list[Rule]:
+def rules_for(db: Session, user: User, cache: RestrictionCache | None = None) -> list[Rule]:
     names = {role.id: role.name for role in user.roles}
-    return [Rule.of(r, names) for r in restrictions_for(db, user)]
+    return [Rule.of(r, names) for r in restrictions_for(db, user, cache)]
 
 
 def context_for(
@@ -412,9 +419,10 @@ def context_for(
     )
 
 
-def decide_for(db: Session, user: User, context: AccessContext) -> Decision:
+def decide_for(db: Session, user: User, context: AccessContext,
+               cache: RestrictionCache | None = None) -> Decision:
     """The decision for a stored account: its facts and restrictions are loaded here."""
-    return decide(AccountFacts.of(user), rules_for(db, user), context)
+    return decide(AccountFacts.of(user), rules_for(db, user, cache), context)
 
 
 def requires_second_factor(db: Session, user: User) -> bool:

@@ -41,7 +41,7 @@ def sign_in_decision(user: User, amr: list[str]) -> Decision:
     """The access decision at the end of a sign-in, with every factor given."""
     svc = services()
     context = context_for(svc.settings, phase=SIGN_IN, now=svc.clock(), ip=request.remote_addr or "", amr=amr)
-    return decide_for(svc.db.session, user, context)
+    return decide_for(svc.db.session, user, context, svc.restrictions)
 
 
 def sign_in_refusal(user: User, amr: list[str], flow: str | None) -> Any | None:

@@ -148,7 +148,7 @@ class _DarbazaGrantMixin:
             self.svc.settings, phase=phase, now=self.svc.clock(), client=self.request.client,
             ip=self._person_ip(), scopes=scopes, amr=amr,
         )
-        return decide_for(self.svc.db.session, user, context)
+        return decide_for(self.svc.db.session, user, context, self.svc.restrictions)
 
     def _journal_refusal(self, action: str, user: User, decision: Decision, **details: Any) -> None:
         self.svc.journal.record(

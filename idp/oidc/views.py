@@ -182,7 +182,7 @@ def check_access(req: AuthorizationRequest, user: User) -> None:
         svc.settings, phase=AUTHORIZE, now=svc.clock(), client=req.client, ip=request.remote_addr or "",
         scopes=req.scope.split(), amr=session.get("amr") or [],
     )
-    access = decide_for(svc.db.session, user, context)
+    access = decide_for(svc.db.session, user, context, svc.restrictions)
     if not access.allowed:
         raise AccessRefused(req, access)
     # Policy 4.2.5: school-only scopes are not granted from outside; the rest goes on.

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import pytest
 import requests
 from sqlalchemy import select
 
+from idp.access.models import Restriction
+from idp.accounts.models import Role
 from idp.oidc.clients import rotate_secret
 from idp.oidc.models import Client
 from tests.conftest import TEST_SECRET_KEY, LiveServer, free_port
@@ -96,7 +99,7 @@ def cluster_env(issuer: str, database_url: str, redis_url: str) -> dict[str, str
         "IDP_KEY_CACHE_SECONDS": "1",
         # Apps stay in memory far longer than any wait below: only the change announced
         # in Redis can make a process read an app again in time.
-        "IDP_CLIENT_CACHE_SECONDS": "300",
+        "IDP_CACHE_SECONDS": "300",
         "IDP_DATABASE_POOL_SIZE": "4",
         "IDP_OUTBOX_POLL_SECONDS": "1",
         "IDP_ARGON2_TIME_COST": "1",
@@ -394,7 +397,7 @@ def client_credentials(base: str, client_id: str, secret: str) -> requests.Respo
 
 
 def test_an_app_changed_anywhere_is_seen_by_both_processes(cluster, server, make_client):
-    """Each process keeps portal apps in memory (IDP_CLIENT_CACHE_SECONDS, 300 s in this
+    """Each process keeps portal apps in memory (IDP_CACHE_SECONDS, 300 s in this
     cluster); a change committed by another process (here the test's own, as the CLI or a
     console on a third host would) is announced in Redis and seen by every process and
     worker within the one-second poll, not after the cache time: an old secret stops
@@ -426,3 +429,38 @@ def test_an_app_changed_anywhere_is_seen_by_both_processes(cluster, server, make
             client_credentials(base, client.client_id, new_secret).status_code == 401 for _ in range(6)),
             f"{base} refuses the disabled app", timeout=15)
     print(f"disabled app refused everywhere after {time.monotonic() - changed:.2f} s")
+
+
+def test_a_restriction_added_anywhere_applies_on_both_processes(cluster, server, make_user, make_client):
+    """Access restrictions are kept per process like apps (IDP_CACHE_SECONDS, 300 s
+    here): one added by another process is enforced by every worker of both processes
+    within the one-second poll of the generation in Redis."""
+    person = make_user(roles=("student", "parent"))
+    client = portal_app(make_client, cluster)
+    browser = signed_in_on(cluster.a, person)
+    families = {base: {"rt": tokens_of(browser, client, person, base)["refresh_token"]} for base in cluster.both}
+
+    def refused_now(base: str) -> bool:
+        answer = refresh(base, client, families[base]["rt"])
+        if answer.status_code == 200:
+            families[base]["rt"] = answer.json()["refresh_token"]
+            return False
+        assert refused(answer), answer.text
+        return True
+
+    for base in cluster.both:  # every worker has the (empty) restrictions in memory
+        assert not any(refused_now(base) for _ in range(6))
+    with server.services.db.transaction() as session:
+        role_id = session.scalar(select(Role.id).where(Role.name == "parent"))
+        row = Restriction(role_id=role_id, valid_until=datetime(2020, 1, 1), description="left the school")
+        session.add(row)
+        session.flush()
+        restriction_id = row.id
+    try:
+        added = time.monotonic()
+        for base in cluster.both:
+            wait_until(lambda base=base: refused_now(base), f"{base} enforces the new restriction", timeout=15)
+        print(f"restriction enforced everywhere after {time.monotonic() - added:.2f} s")
+    finally:
+        with server.services.db.transaction() as session:
+            session.delete(session.get(Restriction, restriction_id))
