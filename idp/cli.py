@@ -414,13 +414,17 @@ def keys() -> None:
 @keys.command("rotate")
 @with_appcontext
 def keys_rotate() -> None:
-    """Start signing with a new key; the old one stays in JWKS until its tokens expire."""
+    """Start signing with new keys; the old ones stay in JWKS until their tokens expire."""
     svc = services()
     with svc.db.transaction() as session:
-        row = svc.keys.rotate(session)
-        kid = row.kid
-        svc.journal.record(session, actor=_cli_actor(), action="key:rotate", details={"kid": kid})
-    click.echo(f"new signing key {kid}")
+        rows = svc.keys.rotate(session)
+        kids = {row.alg: row.kid for row in rows}
+        svc.journal.record(session, actor=_cli_actor(), action="key:rotate",
+                           details={"kid": kids["RS256"], "kids": kids})
+    for alg, kid in kids.items():  # the RS256 key (ID tokens) last
+        if alg != "RS256":
+            click.echo(f"new {alg} signing key {kid}")
+    click.echo(f"new signing key {kids['RS256']}")
 
 
 # --- demo --------------------------------------------------------------------------

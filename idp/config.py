@@ -68,6 +68,10 @@ class Settings:
     access_token_lifetime: int = 600
     id_token_lifetime: int = 600
     refresh_token_lifetime: int = 86400 * 30
+    # Signature of access tokens (RFC 9068): RS256 (every conforming resource server
+    # verifies it) or ES256 (a tenth of RS256's signing CPU; for portal apps that all verify
+    # ES256). ID tokens and logout tokens are always RS256 (the OIDC default).
+    access_token_signing_alg: str = "RS256"
     # How long a rotated-out signing key stays in JWKS.
     key_retire_after: int = 3600
     # How long a process caches the signing keys before re-reading them (rotation by
@@ -222,6 +226,9 @@ class Settings:
         settings._check_support_hours()
         settings._check_redis()
         settings.log_format = settings.log_format.strip().lower()
+        settings.access_token_signing_alg = settings.access_token_signing_alg.strip().upper()
+        if settings.access_token_signing_alg not in ("RS256", "ES256"):
+            raise SettingsError("IDP_ACCESS_TOKEN_SIGNING_ALG must be RS256 or ES256")
         if settings.log_format not in ("json", "text"):
             raise SettingsError("IDP_LOG_FORMAT must be json or text")
         loopback = settings.issuer.startswith("http://127.0.0.1") or settings.issuer.startswith("http://localhost")

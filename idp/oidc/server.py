@@ -30,7 +30,7 @@ from idp.access.decision import (
 from idp.accounts.models import User, load_account
 from idp.observability import TOKENS, count_on_commit
 from idp.oidc.models import AccessToken, AuthorizationCode, Client, RefreshToken, token_hash
-from idp.oidc.tokens import GrantContext, InvalidAccessToken, new_family_id
+from idp.oidc.tokens import ACCESS_TOKEN_ALGS, GrantContext, InvalidAccessToken, new_family_id
 from idp.services import Services
 
 CONFIDENTIAL_METHODS = ["client_secret_basic", "client_secret_post"]
@@ -423,7 +423,7 @@ def _lookup_token(server: DarbazaAuthorizationServer, token_string: str, hint: s
         return None
     if hint != "refresh_token" and token_string.count(".") == 2:
         try:
-            claims = server.tokens.decode_signed(token_string, typ="at+jwt")
+            claims = server.tokens.decode_signed(token_string, typ="at+jwt", algs=ACCESS_TOKEN_ALGS)
         except InvalidAccessToken:
             return None
         jti = claims.get("jti")

@@ -25,6 +25,9 @@ from idp.oidc.keys import KeyService
 from idp.oidc.models import AccessToken, Client, RefreshToken, token_hash
 
 SIGNING_ALG = "RS256"
+# Access tokens may be signed with ES256 (IDP_ACCESS_TOKEN_SIGNING_ALG); tokens of both
+# stay valid across a change of the setting.
+ACCESS_TOKEN_ALGS = ("RS256", "ES256")
 # OIDC Back-Channel Logout 1.0 §2.4: the one event a logout token carries.
 BACKCHANNEL_LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 # A logout token is delivered at once or re-minted for each retry, so it can be short.
@@ -67,10 +70,11 @@ class TokenService:
         self.keys = keys
 
     # --- minting -----------------------------------------------------------------
-    def _sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
-        key = self.keys.signing_key()
-        header = {"alg": SIGNING_ALG, "kid": key.kid, **header}
-        return jwt.encode(header, claims, key, algorithms=[SIGNING_ALG])
+    def _sign(self, header: dict[str, Any], claims: dict[str, Any], alg: str = SIGNING_ALG) -> str:
+        key = self.keys.signing_key(alg)
+        alg = key.alg or SIGNING_ALG  # RS256 while no key for ``alg`` exists yet
+        header = {"alg": alg, "kid": key.kid, **header}
+        return jwt.encode(header, claims, key, algorithms=[alg])
 
     def issue(
         self,
@@ -106,7 +110,7 @@ class TokenService:
                 claims["acr"] = context.acr
             if context.amr:
                 claims["amr"] = context.amr
-        access_token = self._sign({"typ": "at+jwt"}, claims)
+        access_token = self._sign({"typ": "at+jwt"}, claims, self.settings.access_token_signing_alg)
         session.add(
             AccessToken(
                 jti=jti,
@@ -200,8 +204,9 @@ class TokenService:
         return self._sign({"typ": "logout+jwt"}, claims)
 
     # --- verifying -----------------------------------------------------------------
-    def decode_signed(self, value: str, *, typ: str | None) -> dict[str, Any]:
-        """Verify a JWT we issued: RS256 only, a kid we publish, our issuer."""
+    def decode_signed(self, value: str, *, typ: str | None, algs: tuple[str, ...] = (SIGNING_ALG,)) -> dict[str, Any]:
+        """Verify a JWT we issued: an algorithm of ``algs`` that is the algorithm of the key
+        its kid names (a key we publish), our issuer."""
         if not value or len(value) > 8192 or value.count(".") != 2:
             raise InvalidAccessToken("malformed")
         try:
@@ -211,11 +216,17 @@ class TokenService:
                 raise InvalidAccessToken("malformed header")
             header_kid = header.get("kid")
             header_typ = header.get("typ")
-            if header.get("alg") != SIGNING_ALG or "jwk" in header or "jku" in header or "x5u" in header:
+            alg = header.get("alg")
+            if alg not in algs or "jwk" in header or "jku" in header or "x5u" in header:
                 raise InvalidAccessToken("algorithm or key source not allowed")
             if typ is not None and header_typ != typ:
                 raise InvalidAccessToken("wrong token type")
-            token = jwt.decode(value, self.keys.public_keyset(header_kid), algorithms=[SIGNING_ALG])
+            key = self.keys.public_key(header_kid if isinstance(header_kid, str) else None)
+            # The key decides the algorithm: an ES256 header naming an RSA key (or the
+            # reverse) is refused before any verification.
+            if key is None or key.alg != alg:
+                raise InvalidAccessToken("unknown key or algorithm of another key")
+            token = jwt.decode(value, key, algorithms=[alg])
         except InvalidAccessToken:
             raise
         except (JoseError, ValueError, TypeError, KeyError) as exc:
@@ -223,7 +234,7 @@ class TokenService:
         return dict(token.claims)
 
     def verify_access_token(self, session: Session, value: str) -> tuple[dict[str, Any], AccessToken]:
-        claims = self.decode_signed(value, typ="at+jwt")
+        claims = self.decode_signed(value, typ="at+jwt", algs=ACCESS_TOKEN_ALGS)
         try:
             JWTClaimsRegistry(
                 iss={"essential": True, "value": self.settings.issuer},

@@ -31,13 +31,13 @@ def test_reloads_keep_the_imported_key_and_rotations_are_seen(tmp_path: Path):
     first = reader.signing_key()
     assert reader.signing_key() is first  # reloaded (cache 0 s), same key: the same object
     with factory.begin() as session:
-        new_kid = writer.rotate(session).kid
+        new_kid = writer.rotate(session)[0].kid
     assert reader.signing_key() is not first and reader.signing_key().kid == new_kid
     # A cached reader (a day) learns of another process's rotation from an unknown kid.
     cached = _service(factory, 86400)
     old_kid = cached.signing_key().kid
     with factory.begin() as session:
-        newest = writer.rotate(session).kid
+        newest = writer.rotate(session)[0].kid
     assert cached.signing_key().kid == old_kid  # still cached
     assert any(k.kid == newest for k in cached.public_keyset(newest).keys)
     assert cached.signing_key().kid == newest
