@@ -8,7 +8,8 @@ sign-in against argon2id hashes per second on all cores with the configured cost
 Settings (environment): BENCH_SECONDS (per scenario, default 10), BENCH_CONCURRENCY
 (default 32), BENCH_PROCESSES (driver processes, default 2), BENCH_DATABASE_URL (default a
 temporary SQLite file), BENCH_WORKERS / BENCH_THREADS (gunicorn), BENCH_SCENARIOS
-(comma-separated subset)."""
+(comma-separated subset), BENCH_ES256=0 (skip the client-credentials and refresh runs
+against a second provider process that signs access tokens with ES256)."""
 
 from __future__ import annotations
 
@@ -323,11 +324,11 @@ def argon2_ceiling(params: dict[str, int]) -> dict[str, float]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'scenario':<20}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'cpu s/1k':>10}{'errors':>8}{'ratio':>8}"
+    head = f"{'scenario':<30}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'cpu s/1k':>10}{'errors':>8}{'ratio':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         cpu = r["server_cpu_s_per_1000"]
-        lines.append(f"{r['scenario']:<20}{r['rps']:>9}{r['p50_ms']:>9}{r['p95_ms']:>9}{r['p99_ms']:>9}"
+        lines.append(f"{r['scenario']:<30}{r['rps']:>9}{r['p50_ms']:>9}{r['p95_ms']:>9}{r['p99_ms']:>9}"
                      f"{cpu if cpu is not None else '-':>10}{r['errors']:>8}{r.get('ratio') if r.get('ratio') is not None else '-':>8}")
     return "\n".join(lines)
 
@@ -358,6 +359,15 @@ def run_one(database_url: str = "", workers: int | None = None, threads: int | N
             rows.append(result)
             print(f"   {name}: {result['rps']} req/s, p99 {result['p99_ms']} ms, errors {result['errors']}, "
                   f"ratio {result['ratio']}", flush=True)
+        for name in [n for n in ("client_credentials", "refresh") if n in wanted and stack.es256_url]:
+            # The same scenario against the provider that signs access tokens with ES256
+            # (its issuer is the RS256 server's: tokens name one issuer).
+            result = drive(stack.es256_url, ctx, name, server_pid=stack.es256_pid, seconds=seconds)
+            result["scenario"] = f"{name} (ES256 AT)"
+            result["ratio"] = round(result["rps"] / hello["rps"], 2) if hello["rps"] else None
+            rows.append(result)
+            print(f"   {result['scenario']}: {result['rps']} req/s, p99 {result['p99_ms']} ms, "
+                  f"errors {result['errors']}, ratio {result['ratio']}", flush=True)
         rss = process_rss_kib(stack.server_pid)
         print(_table(rows), flush=True)
         return {"database": kind, "workers": stack.workers, "threads": stack.threads, "concurrency": CONCURRENCY,

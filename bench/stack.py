@@ -100,6 +100,10 @@ class Stack:
     hello_url: str = ""
     server_pid: int = 0
     hello_pid: int = 0
+    # The provider again with ES256 access tokens (IDP_ACCESS_TOKEN_SIGNING_ALG), same
+    # database and Redis: the token scenarios are measured on both (BENCH_ES256=0: not).
+    es256_url: str = ""
+    es256_pid: int = 0
     seeded: dict[str, Any] = field(default_factory=dict)
 
     # --- lifecycle ------------------------------------------------------------------
@@ -114,8 +118,8 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,  # noqa: S603
+    def _spawn(self, args: list[str], env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env or self.env, stdout=subprocess.DEVNULL,  # noqa: S603
                                 stderr=open(self.workdir / f"{Path(args[0]).name}-{len(self.procs)}.log", "wb"),
                                 start_new_session=True, **kwargs)
         self.procs.append(proc)
@@ -143,7 +147,10 @@ class Stack:
         self._wait_redis(redis_port)
         from bench import seed
 
-        self.seeded = seed.seed(self.env, users=self.users)
+        es256 = os.environ.get("BENCH_ES256", "1") != "0"
+        # Seeded with both keys (RSA and EC) when the ES256 server runs.
+        self.seeded = seed.seed({**self.env, "IDP_ACCESS_TOKEN_SIGNING_ALG": "ES256"} if es256 else self.env,
+                                users=self.users)
         common = ["--bind", f"127.0.0.1:{port}", "--workers", str(self.workers), "--threads", str(self.threads),
                   "--worker-class", "gthread", "--no-control-socket", "--graceful-timeout", "5"]
         server = self._spawn([str(BIN / "gunicorn"), "idp.wsgi:app", *common])
@@ -155,6 +162,14 @@ class Stack:
         self.hello_pid = hello.pid
         wait_http(self.url + "/.well-known/openid-configuration")
         wait_http(self.hello_url + "/")
+        if es256:
+            es_port = free_port()
+            self.es256_url = f"http://127.0.0.1:{es_port}"
+            es_server = self._spawn([str(BIN / "gunicorn"), "idp.wsgi:app",
+                                     *[a if a != f"127.0.0.1:{port}" else f"127.0.0.1:{es_port}" for a in common]],
+                                    env={**self.env, "IDP_ACCESS_TOKEN_SIGNING_ALG": "ES256"})
+            self.es256_pid = es_server.pid
+            wait_http(self.es256_url + "/.well-known/openid-configuration")
 
     def _wait_redis(self, port: int) -> None:
         deadline = time.time() + 10
