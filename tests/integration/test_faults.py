@@ -11,6 +11,7 @@ them on disk (``appendonly yes``, README "Running in production")."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import secrets
@@ -297,8 +298,10 @@ class PgCluster:
                        capture_output=True, timeout=60, check=False)
 
 
-@pytest.mark.skipif(not PG_BIN, reason="no PostgreSQL server binaries on this machine")
-def test_postgresql_stopped_is_a_clear_503_and_the_service_resumes_when_it_is_back(redis_url):
+@contextlib.contextmanager
+def provider_on_own_postgres(redis_url: str) -> Iterator[tuple[PgCluster, LiveServer, UserInfo, ClientInfo]]:
+    """A provider on a PostgreSQL cluster of its own (to stop and start), with a student
+    and a trusted portal app."""
     cluster = PgCluster()
     try:
         cluster.create()
@@ -314,78 +317,65 @@ def test_postgresql_stopped_is_a_clear_503_and_the_service_resumes_when_it_is_ba
                 app, secret = create_client(session, name="App", redirect_uris=["https://rp.example.test/cb"],
                                             client_id="app-" + secrets.token_hex(4), trusted=True)
                 client = ClientInfo(app.client_id, secret, "https://rp.example.test/cb", "")
-            person = UserInfo(id=0, login=login, password=password, subject="")
-            browser = signed_in(live.url, person)
-            tokens = get_tokens(live, browser, client, person)
-            newcomer = english(live.url)
-            login_page = newcomer.get("/login")
-
-            cluster.stop()
-            assert_clear_503(browser.get("/", headers={"Accept": "text/html"}))
-            assert_clear_503(newcomer.submit(login_page, "/login", login=login, password=password))
-            assert_clear_503(refresh(live, client, tokens["refresh_token"]), json=True)
-            assert_clear_503(requests.get(live.url + "/userinfo", timeout=10,
-                                          headers={"Authorization": "Bearer " + tokens["access_token"]}), json=True)
-            for path in ("/.well-known/openid-configuration", "/jwks.json"):  # no database needed, or a 503
-                response = requests.get(live.url + path, timeout=10)
-                if response.status_code != 200:
-                    assert_clear_503(response, json=True)
-            ready = requests.get(live.url + "/readyz", timeout=10)
-            assert ready.status_code == 503 and ready.json()["database"] == "unavailable"
-
-            cluster.start()  # the provider is not restarted: its pool finds the database again
-            assert requests.get(live.url + "/readyz", timeout=10).status_code == 200
-            assert login in browser.get("/").text
-            answer = refresh(live, client, tokens["refresh_token"])  # not spent by the refused try
-            assert answer.status_code == 200, answer.text
-            signed_in(live.url, person)
-            audit_ok(live)
+            yield cluster, live, UserInfo(id=0, login=login, password=password, subject=""), client
         finally:
             live.close()
     finally:
         cluster.destroy()
 
 
+@pytest.mark.skipif(not PG_BIN, reason="no PostgreSQL server binaries on this machine")
+def test_postgresql_stopped_is_a_clear_503_and_the_service_resumes_when_it_is_back(redis_url):
+    with provider_on_own_postgres(redis_url) as (cluster, live, person, client):
+        login, password = person.login, person.password
+        browser = signed_in(live.url, person)
+        tokens = get_tokens(live, browser, client, person)
+        newcomer = english(live.url)
+        login_page = newcomer.get("/login")
+
+        cluster.stop()
+        assert_clear_503(browser.get("/", headers={"Accept": "text/html"}))
+        assert_clear_503(newcomer.submit(login_page, "/login", login=login, password=password))
+        assert_clear_503(refresh(live, client, tokens["refresh_token"]), json=True)
+        assert_clear_503(requests.get(live.url + "/userinfo", timeout=10,
+                                      headers={"Authorization": "Bearer " + tokens["access_token"]}), json=True)
+        for path in ("/.well-known/openid-configuration", "/jwks.json"):  # no database needed, or a 503
+            response = requests.get(live.url + path, timeout=10)
+            if response.status_code != 200:
+                assert_clear_503(response, json=True)
+        ready = requests.get(live.url + "/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["database"] == "unavailable"
+
+        cluster.start()  # the provider is not restarted: its pool finds the database again
+        assert requests.get(live.url + "/readyz", timeout=10).status_code == 200
+        assert login in browser.get("/").text
+        answer = refresh(live, client, tokens["refresh_token"])  # not spent by the refused try
+        assert answer.status_code == 200, answer.text
+        signed_in(live.url, person)
+        audit_ok(live)
+
+
+@pytest.mark.skipif(not PG_BIN, reason="no PostgreSQL server binaries on this machine")
 def test_postgresql_restarted_while_idle_the_next_requests_find_it_at_once(redis_url, monkeypatch):
     """Pooled connections are checked before use only after sitting idle (idp/db.py,
     PING_AFTER_IDLE; no ping per request under load): after a restart of PostgreSQL while
     the provider was idle, the first requests already succeed (no 503 from a dead pooled
     connection)."""
     monkeypatch.setattr(db_module, "PING_AFTER_IDLE", 0.5)
-    cluster = PgCluster()
-    try:
-        cluster.create()
-        upgrade(cluster.url)
-        live = LiveServer.serve(cluster.url, redis_url)
-        try:
-            svc = live.services
-            password = "correct horse battery " + secrets.token_hex(4)
-            with svc.db.transaction() as session:
-                svc.keys.ensure_key(session)
-                login = create_user(session, svc.passwords, login=f"pg-{secrets.token_hex(4)}", display_name="P G",
-                                    password=password, roles=["student"]).login
-                app, secret = create_client(session, name="App", redirect_uris=["https://rp.example.test/cb"],
-                                            client_id="app-" + secrets.token_hex(4), trusted=True)
-                client = ClientInfo(app.client_id, secret, "https://rp.example.test/cb", "")
-            person = UserInfo(id=0, login=login, password=password, subject="")
-            tokens = get_tokens(live, signed_in(live.url, person), client, person)
-            # Several pooled connections, all alive.
-            for _ in range(4):
-                assert requests.get(live.url + "/userinfo", timeout=10,
-                                    headers={"Authorization": "Bearer " + tokens["access_token"]}).status_code == 200
-            cluster.stop()
-            cluster.start()
-            time.sleep(0.6)
-            for _ in range(4):
-                answer = requests.get(live.url + "/userinfo", timeout=10,
-                                      headers={"Authorization": "Bearer " + tokens["access_token"]})
-                assert answer.status_code == 200, answer.text
-            answer = refresh(live, client, tokens["refresh_token"])
+    with provider_on_own_postgres(redis_url) as (cluster, live, person, client):
+        tokens = get_tokens(live, signed_in(live.url, person), client, person)
+        bearer = {"Authorization": "Bearer " + tokens["access_token"]}
+        # Several pooled connections, all alive.
+        for _ in range(4):
+            assert requests.get(live.url + "/userinfo", timeout=10, headers=bearer).status_code == 200
+        cluster.stop()
+        cluster.start()
+        time.sleep(0.6)
+        for _ in range(4):
+            answer = requests.get(live.url + "/userinfo", timeout=10, headers=bearer)
             assert answer.status_code == 200, answer.text
-        finally:
-            live.close()
-    finally:
-        cluster.destroy()
+        answer = refresh(live, client, tokens["refresh_token"])
+        assert answer.status_code == 200, answer.text
 
 
 # --- SMTP down for an hour --------------------------------------------------------------------------
