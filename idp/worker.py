@@ -26,6 +26,18 @@ DELIVERY_JOBS = {
 }
 
 
+def queue_once(redis: Redis, queue: Queue, job: str, lock_key: str, interval: float, *,
+               job_timeout: int = 300) -> bool:
+    """Queue ``job`` unless a worker already did within ``interval`` seconds: ``lock_key``
+    is held for one interval by whichever worker queued it. A job that outlives
+    ``job_timeout`` is killed (delivery passes: their claimed rows come back after the
+    lease); failures are kept a week for ``rq``'s failed registry."""
+    if not redis.set(lock_key, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
+        return False
+    queue.enqueue(job, job_timeout=job_timeout, result_ttl=60, failure_ttl=7 * 86400)
+    return True
+
+
 def schedule_deliveries(redis: Redis, queue: Queue, interval: float) -> list[str]:
     """Queue each delivery job unless another worker already did in this interval; the
     jobs queued.
@@ -33,14 +45,7 @@ def schedule_deliveries(redis: Redis, queue: Queue, interval: float) -> list[str
     Delivery is safe to run twice (each row is claimed atomically); the locks only keep
     N workers from queueing N jobs every interval.
     """
-    queued = []
-    for job, lock_key in DELIVERY_JOBS.items():
-        if not redis.set(lock_key, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
-            continue
-        # A pass that outlives its timeout is killed; its claimed rows come back after the lease.
-        queue.enqueue(job, job_timeout=300, result_ttl=60, failure_ttl=7 * 86400)
-        queued.append(job)
-    return queued
+    return [job for job, lock_key in DELIVERY_JOBS.items() if queue_once(redis, queue, job, lock_key, interval)]
 
 
 # Sessions that timed out are ended (tokens revoked, back-channel logout queued) by a
@@ -52,10 +57,7 @@ SWEEP_INTERVAL = 60
 
 def schedule_session_sweep(redis: Redis, queue: Queue, interval: float = SWEEP_INTERVAL) -> bool:
     """Queue the timed-out-sessions sweep unless a worker already did this minute."""
-    if not redis.set(SWEEP_SCHEDULE_KEY, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
-        return False
-    queue.enqueue(SWEEP_SESSIONS_JOB, job_timeout=300, result_ttl=60, failure_ttl=7 * 86400)
-    return True
+    return queue_once(redis, queue, SWEEP_SESSIONS_JOB, SWEEP_SCHEDULE_KEY, interval)
 
 
 # Breach cases at 75% of their support time or overdue are escalated to the security
@@ -67,10 +69,7 @@ ESCALATE_INTERVAL = 60
 
 def schedule_case_escalation(redis: Redis, queue: Queue, interval: float = ESCALATE_INTERVAL) -> bool:
     """Queue the breach-case escalation pass unless a worker already did this minute."""
-    if not redis.set(ESCALATE_SCHEDULE_KEY, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
-        return False
-    queue.enqueue(ESCALATE_CASES_JOB, job_timeout=300, result_ttl=60, failure_ttl=7 * 86400)
-    return True
+    return queue_once(redis, queue, ESCALATE_CASES_JOB, ESCALATE_SCHEDULE_KEY, interval)
 
 
 # The school directory sync (connectors/ldap/sync.py): when a directory is configured, a
@@ -84,11 +83,8 @@ DIRECTORY_INTERVAL = 60
 
 def schedule_directory_sync(redis: Redis, queue: Queue, interval: float = DIRECTORY_INTERVAL) -> bool:
     """Queue the directory sync check unless a worker already did this minute."""
-    if not redis.set(DIRECTORY_SCHEDULE_KEY, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
-        return False
-    # A full sync of a big directory takes minutes: a long timeout, no result kept.
-    queue.enqueue(DIRECTORY_SYNC_JOB, job_timeout=4 * 3600, result_ttl=60, failure_ttl=7 * 86400)
-    return True
+    # A full sync of a big directory takes minutes: a long timeout.
+    return queue_once(redis, queue, DIRECTORY_SYNC_JOB, DIRECTORY_SCHEDULE_KEY, interval, job_timeout=4 * 3600)
 
 
 # Expired tokens and codes, and old delivered mails and logout tokens, are deleted
@@ -101,10 +97,7 @@ PRUNE_INTERVAL = 600
 
 def schedule_prune(redis: Redis, queue: Queue, interval: float = PRUNE_INTERVAL) -> bool:
     """Queue the pruning run unless a worker already did in this interval."""
-    if not redis.set(PRUNE_SCHEDULE_KEY, secrets.token_hex(8), nx=True, px=max(1, int(interval * 1000))):
-        return False
-    queue.enqueue(PRUNE_JOB, job_timeout=900, result_ttl=60, failure_ttl=7 * 86400)
-    return True
+    return queue_once(redis, queue, PRUNE_JOB, PRUNE_SCHEDULE_KEY, interval, job_timeout=900)
 
 
 class DeliveryScheduler(threading.Thread):
