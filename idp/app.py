@@ -186,6 +186,13 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def _error(status: int, code: str, title: str, message: str) -> Any:
+    if request.path.startswith("/admin/api/"):
+        # Outside the API's blueprint (an unknown version or path): the API's own Error
+        # schema (admin_ui/openapi.py), as its blueprint answers.
+        response = jsonify({"error": code, "message": message})
+        response.status_code = status
+        response.headers["Cache-Control"] = "no-store"
+        return response
     if _wants_json():
         response = jsonify({"error": code, "error_description": message})
         response.status_code = status

@@ -385,3 +385,10 @@ def test_unknown_resources_and_methods_are_json(server, admin):
     assert set(wrong.headers["Allow"].split(", ")) == {"GET", "POST"}
     # No CSRF token is asked for: the bearer token authenticates the script.
     assert admin.post("/classes", json={"name": "Z" + secrets.token_hex(3)}).status_code == 201
+    # Outside /v1 (another version, the bare prefix): the same Error schema, not the
+    # protocol endpoints' error_description.
+    for path in ("/admin/api/v2/users", "/admin/api/", "/admin/api/v1x"):
+        answer = requests.get(server.url + path, timeout=10)
+        assert answer.status_code == 404, path
+        assert answer.json()["error"] == "not_found" and answer.json()["message"], (path, answer.text)
+        assert "error_description" not in answer.json()
