@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +19,7 @@ from pathlib import Path
 import pyotp
 import pytest
 import redis as redis_lib
+import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from werkzeug.serving import make_server
@@ -39,6 +40,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, procs: Sequence[subprocess.Popen[bytes]], log: Callable[[], str], what: str, *,
+                 seconds: float = 60) -> None:
+    """Until ``url``/healthz answers 200 (a ``darbaza serve`` just started); fails with
+    ``log()`` when one of ``procs`` exits first or after ``seconds``."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass  # not listening yet, or gunicorn's worker still loading the app
+        if any(p.poll() is not None for p in procs) or time.time() > deadline:
+            raise AssertionError(f"{what} did not start:\n" + log())
+        time.sleep(0.1)
 
 
 def start_redis(port: int, workdir: Path, *, appendonly: bool = False) -> subprocess.Popen[bytes]:

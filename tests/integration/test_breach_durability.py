@@ -28,7 +28,7 @@ import requests
 from click.testing import CliRunner
 
 from idp.cli import main
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, free_port, wait_healthy
 from tests.integration.test_breach_reports import (
     SUPPORT,
     account,
@@ -141,16 +141,7 @@ def provider(server: LiveServer, database_url: str, redis_url: str, tmp_path: Pa
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass  # not listening yet
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError("the provider did not start:\n" + log_path.read_text())
-            time.sleep(0.2)
+        wait_healthy(url, [proc], log_path.read_text, "the provider")
         yield Provider(url, proc)
     finally:
         if proc.poll() is None:

@@ -28,7 +28,7 @@ from sqlalchemy import event, func, select
 from idp.accounts.models import User
 from idp.audit.models import AuditEvent
 from idp.oidc.models import RefreshToken
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, free_port, wait_healthy
 from tests.helpers import Browser, ClientInfo, UserInfo
 from tests.integration.test_faults import english
 from tests.integration.test_rfc9700 import assert_oauth_error, get_tokens, refresh, userinfo_status
@@ -57,17 +57,9 @@ class Provider:
                 [str(DARBAZA), "serve", "--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--threads", "4"],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        deadline, began = time.time() + 60, time.monotonic()
-        while True:
-            try:
-                if requests.get(self.url + "/healthz", timeout=5).status_code == 200:
-                    self.started_in = time.monotonic() - began
-                    return
-            except requests.RequestException:
-                pass  # not listening yet
-            if self.proc.poll() is not None or time.time() > deadline:  # pragma: no cover
-                raise AssertionError("darbaza serve did not start:\n" + self.log.read_text())
-            time.sleep(0.1)
+        began = time.monotonic()
+        wait_healthy(self.url, [self.proc], self.log.read_text, "darbaza serve")
+        self.started_in = time.monotonic() - began
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from idp.app import create_app
 from idp.audit.models import AuditEvent
-from tests.conftest import LiveServer, free_port, make_settings
+from tests.conftest import LiveServer, free_port, make_settings, wait_healthy
 from tests.helpers import Browser
 from tests.integration.test_scale_out import DARBAZA, REPO, cluster_env, stop_groups
 
@@ -59,16 +59,7 @@ def served(server: LiveServer, database_url: str, redis_url: str, tmp_path_facto
         )
     served = Served(url, stdout, stderr, proc)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass  # not listening yet
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError("darbaza serve did not start:\n" + "\n".join(served.lines()))
-            time.sleep(0.2)
+        wait_healthy(url, [proc], lambda: "\n".join(served.lines()), "darbaza serve")
         yield served
     finally:
         stop_groups([proc])

@@ -30,7 +30,7 @@ from idp.access.models import Restriction
 from idp.accounts.models import Role
 from idp.oidc.clients import rotate_secret
 from idp.oidc.models import Client
-from tests.conftest import TEST_SECRET_KEY, LiveServer, free_port
+from tests.conftest import TEST_SECRET_KEY, LiveServer, free_port, wait_healthy
 from tests.helpers import Browser, ClientInfo, UserInfo, decode_verified
 from tests.integration.test_sessions_registry import (
     CHROME_WINDOWS,
@@ -155,17 +155,8 @@ def cluster(server: LiveServer, database_url: str, redis_url: str, tmp_path_fact
                 [str(DARBAZA), *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             ))
-        deadline = time.time() + 60
         for name, url in (("a", a), ("b", b)):
-            while True:
-                try:
-                    if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass  # not listening yet
-                if any(p.poll() is not None for p in cluster.procs) or time.time() > deadline:
-                    raise AssertionError(f"process {name} did not start:\n" + (logs / f"{name}.log").read_text())
-                time.sleep(0.2)
+            wait_healthy(url, cluster.procs, (logs / f"{name}.log").read_text, f"process {name}")
         yield cluster
         for proc, name in zip(cluster.procs, commands, strict=True):
             assert proc.poll() is None, f"{name} died:\n" + (logs / f"{name}.log").read_text()

@@ -29,7 +29,7 @@ from idp.audit.models import AuditEvent
 from idp.breach.new_device import SEEN_TTL, seen_key
 from idp.oidc.models import AccessToken, BackchannelLogoutDelivery, RefreshToken
 from idp.sessions.records import DEADLINES, apps_key, deadline
-from tests.conftest import TEST_SECRET_KEY, LiveServer, free_port
+from tests.conftest import TEST_SECRET_KEY, LiveServer, free_port, wait_healthy
 from tests.helpers import Browser, ClientInfo, UserInfo, form_fields
 
 CHROME_WINDOWS = (
@@ -703,16 +703,7 @@ def second_process(server: LiveServer, database_url: str, redis_url: str, tmp_pa
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass  # not listening yet, or gunicorn's worker still loading the app
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError("the second process did not start:\n" + (tmp_path / "second.log").read_text())
-            time.sleep(0.2)
+        wait_healthy(url, [proc], (tmp_path / "second.log").read_text, "the second process")
         yield url
     finally:
         proc.terminate()
