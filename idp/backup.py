@@ -279,6 +279,19 @@ class Summary:
         ]
 
 
+def _opening(box: Any, sealed_values: Any) -> tuple[int, int]:
+    """(how many sealed values, how many of them ``box`` opens)."""
+    total = opened = 0
+    for sealed in sealed_values:
+        total += 1
+        try:
+            box.open(sealed)
+            opened += 1
+        except ValueError:
+            pass
+    return total, opened
+
+
 def verify_database(session_factory: Any, settings: Any, journal: Any) -> Summary:
     """What a restore is checked with (also usable on a live database)."""
     from idp.accounts.models import User
@@ -291,22 +304,11 @@ def verify_database(session_factory: Any, settings: Any, journal: Any) -> Summar
     with session_factory() as db:
         summary.accounts = db.scalar(select(func.count(User.id))) or 0
         summary.audit_events = db.scalar(select(func.count(AuditEvent.id))) or 0
-        keys = SecretBox(key_material, "signing-keys")
-        for sealed in db.scalars(select(SigningKey.private_key_encrypted)):
-            summary.signing_keys += 1
-            try:
-                keys.open(sealed)
-                summary.signing_keys_open += 1
-            except ValueError:
-                pass
-        seeds = SecretBox(key_material, "totp-seeds")
-        for sealed in db.scalars(select(User.totp_secret_encrypted).where(User.totp_secret_encrypted.is_not(None))):
-            summary.totp_seeds += 1
-            try:
-                seeds.open(sealed)
-                summary.totp_seeds_open += 1
-            except ValueError:
-                pass
+        summary.signing_keys, summary.signing_keys_open = _opening(
+            SecretBox(key_material, "signing-keys"), db.scalars(select(SigningKey.private_key_encrypted)))
+        summary.totp_seeds, summary.totp_seeds_open = _opening(
+            SecretBox(key_material, "totp-seeds"),
+            db.scalars(select(User.totp_secret_encrypted).where(User.totp_secret_encrypted.is_not(None))))
         result = journal.verify(db)
     summary.audit_ok, summary.audit_problem = result.ok, result.problem
     if summary.signing_keys == 0:

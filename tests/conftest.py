@@ -3,6 +3,7 @@ DARBAZA_TEST_DB), and the provider served over real HTTP on loopback."""
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -217,45 +218,45 @@ def server(database_url: str, redis_url: str) -> Iterator[LiveServer]:
     live.close()
 
 
+def new_account(
+    server: LiveServer, roles: tuple[str, ...] = ("student",), password: str | None = None, *,
+    two_factor: bool | None = None, accept_obligations: bool = True, **fields: object,
+) -> UserInfo:
+    """A new account with a random login and a known password. ``two_factor``: give the
+    account an authenticator app (and recovery codes) the test "phone" knows; by default
+    when one of ``roles`` requires 2FA, so that the account is an established one.
+    ``accept_obligations``: its confidentiality obligations are already accepted."""
+    svc = server.services
+    login = fields.pop("login", None) or f"user-{secrets.token_hex(5)}"
+    password = password or "correct horse battery " + secrets.token_hex(4)
+    with svc.db.transaction() as session:
+        user = create_user(
+            session,
+            svc.passwords,
+            login=str(login),
+            display_name=str(fields.pop("display_name", "Test User")),
+            password=password,
+            roles=list(roles),
+            **fields,  # type: ignore[arg-type]
+        )
+        info = UserInfo(id=user.id, login=user.login, password=password, subject=user.subject)
+        if two_factor if two_factor is not None else user.requires_2fa:
+            secret = pyotp.random_base32()
+            user.totp_secret_encrypted = svc.two_factor.box.seal(secret.encode("ascii"))
+            user.totp_enabled_at = datetime.now(UTC).replace(tzinfo=None)
+            info.totp_secret = secret
+            info.recovery_codes = svc.two_factor.replace_recovery_codes(session, user)
+            SECOND_FACTORS.remember(info)
+        if accept_obligations:
+            for obligation in obligations.pending_obligations(session, user):
+                session.add(ObligationAcceptance(user_id=user.id, obligation_id=obligation.id, locale="en"))
+    return info
+
+
 @pytest.fixture
 def make_user(server: LiveServer):  # type: ignore[no-untyped-def]
-    """Factory: a new account with a random login and a known password."""
-
-    def factory(
-        roles: tuple[str, ...] = ("student",), password: str | None = None, *, two_factor: bool | None = None,
-        accept_obligations: bool = True, **fields: object,
-    ) -> UserInfo:
-        """``two_factor``: give the account an authenticator app (and recovery codes) the
-        test "phone" knows; by default when one of ``roles`` requires 2FA, so that the
-        account is an established one. ``accept_obligations``: its confidentiality
-        obligations are already accepted."""
-        svc = server.services
-        login = fields.pop("login", None) or f"user-{secrets.token_hex(5)}"
-        password = password or "correct horse battery " + secrets.token_hex(4)
-        with svc.db.transaction() as session:
-            user = create_user(
-                session,
-                svc.passwords,
-                login=str(login),
-                display_name=str(fields.pop("display_name", "Test User")),
-                password=password,
-                roles=list(roles),
-                **fields,  # type: ignore[arg-type]
-            )
-            info = UserInfo(id=user.id, login=user.login, password=password, subject=user.subject)
-            if two_factor if two_factor is not None else user.requires_2fa:
-                secret = pyotp.random_base32()
-                user.totp_secret_encrypted = svc.two_factor.box.seal(secret.encode("ascii"))
-                user.totp_enabled_at = datetime.now(UTC).replace(tzinfo=None)
-                info.totp_secret = secret
-                info.recovery_codes = svc.two_factor.replace_recovery_codes(session, user)
-                SECOND_FACTORS.remember(info)
-            if accept_obligations:
-                for obligation in obligations.pending_obligations(session, user):
-                    session.add(ObligationAcceptance(user_id=user.id, obligation_id=obligation.id, locale="en"))
-        return info
-
-    return factory
+    """Factory: ``new_account`` on the test server."""
+    return functools.partial(new_account, server)
 
 
 @pytest.fixture

@@ -163,12 +163,6 @@ class KeyService:
         found = next((k for k in self._public.keys if kid is not None and k.kid == kid), None)
         return found if isinstance(found, RSAKey | ECKey) else None
 
-    def public_keyset(self, kid: str | None = None) -> KeySet:
-        self._load()
-        if kid is not None and self._find(kid) is None:
-            self._load(force=True)
-        return self._public
-
 
 def build_key_service(settings: Settings, session_factory: Any) -> KeyService:
     """The key service of the web app and of worker jobs, from the settings."""

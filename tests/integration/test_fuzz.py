@@ -28,11 +28,9 @@ import re
 import secrets
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, quote, urljoin, urlsplit
 
-import pyotp
 import pytest
 import requests
 from hypothesis import HealthCheck, Phase, given, settings
@@ -40,11 +38,9 @@ from hypothesis import strategies as st
 from requests.adapters import HTTPAdapter
 
 from idp.access.permissions import PERMISSIONS
-from idp.accounts import obligations
-from idp.accounts.models import ObligationAcceptance
-from idp.accounts.service import create_user
 from idp.oidc.clients import create_client
-from tests.helpers import SECOND_FACTORS, Browser, ClientInfo, UserInfo, pkce_pair
+from tests.conftest import new_account
+from tests.helpers import Browser, ClientInfo, UserInfo, pkce_pair
 
 FUZZ = settings(
     max_examples=25,
@@ -200,26 +196,12 @@ def world(server: Any, make_user_module: Any) -> World:
 @pytest.fixture(scope="module")
 def make_user_module(server: Any) -> Any:
     """conftest's ``make_user`` is function-scoped; the fuzzing's accounts live for the
-    module (the same steps: account, authenticator app when a role requires 2FA,
-    obligations accepted)."""
+    module (``new_account``: authenticator app when a role requires 2FA, obligations
+    accepted)."""
 
     def factory(roles: tuple[str, ...]) -> UserInfo:
-        svc = server.services
-        password = "fuzz battery staple " + secrets.token_hex(4)
-        with svc.db.transaction() as session:
-            user = create_user(session, svc.passwords, login="fuzz-" + secrets.token_hex(5),
-                               display_name="Fuzz Person", password=password, roles=list(roles))
-            info = UserInfo(id=user.id, login=user.login, password=password, subject=user.subject)
-            if user.requires_2fa:
-                secret = pyotp.random_base32()
-                user.totp_secret_encrypted = svc.two_factor.box.seal(secret.encode("ascii"))
-                user.totp_enabled_at = datetime.now(UTC).replace(tzinfo=None)
-                info.totp_secret = secret
-                info.recovery_codes = svc.two_factor.replace_recovery_codes(session, user)
-                SECOND_FACTORS.remember(info)
-            for obligation in obligations.pending_obligations(session, user):
-                session.add(ObligationAcceptance(user_id=user.id, obligation_id=obligation.id, locale="en"))
-        return info
+        return new_account(server, roles, "fuzz battery staple " + secrets.token_hex(4),
+                           login="fuzz-" + secrets.token_hex(5), display_name="Fuzz Person")
 
     return factory
 
