@@ -30,6 +30,7 @@ from idp.access.models import Restriction
 from idp.accounts.models import Role
 from idp.oidc.clients import rotate_secret
 from idp.oidc.models import Client
+from idp.row_cache import POLL_EVERY
 from tests.conftest import TEST_SECRET_KEY, LiveServer, free_port, wait_healthy
 from tests.helpers import Browser, ClientInfo, UserInfo, decode_verified
 from tests.integration.test_sessions_registry import (
@@ -403,13 +404,22 @@ def test_an_app_changed_anywhere_is_seen_by_both_processes(cluster, server, make
         row = session.scalar(select(Client).where(Client.client_id == client.client_id))
         new_secret = rotate_secret(row)
     changed = time.monotonic()
+
+    def replaced(base: str) -> bool:
+        return (all(client_credentials(base, client.client_id, client.client_secret).status_code == 401
+                    for _ in range(6))
+                and all(client_credentials(base, client.client_id, new_secret).status_code == 200
+                        for _ in range(6)))
+
     for base in cluster.both:
-        wait_until(lambda base=base: all(
-            client_credentials(base, client.client_id, client.client_secret).status_code == 401 for _ in range(6)),
-            f"{base} refuses the replaced secret", timeout=15)
+        wait_until(lambda base=base: replaced(base), f"{base} takes the new secret only", timeout=15)
     print(f"replaced secret refused everywhere after {time.monotonic() - changed:.2f} s")
+    # A worker the requests above did not reach may keep the old row until its next poll;
+    # one poll interval after the commit every worker reads the generation again.
+    time.sleep(max(0.0, changed + POLL_EVERY + 0.5 - time.monotonic()))
     for base in cluster.both:
-        for _ in range(4):
+        for _ in range(8):
+            assert client_credentials(base, client.client_id, client.client_secret).status_code == 401
             assert client_credentials(base, client.client_id, new_secret).status_code == 200
 
     with server.services.db.transaction() as session:
@@ -420,6 +430,10 @@ def test_an_app_changed_anywhere_is_seen_by_both_processes(cluster, server, make
             client_credentials(base, client.client_id, new_secret).status_code == 401 for _ in range(6)),
             f"{base} refuses the disabled app", timeout=15)
     print(f"disabled app refused everywhere after {time.monotonic() - changed:.2f} s")
+    time.sleep(max(0.0, changed + POLL_EVERY + 0.5 - time.monotonic()))
+    for base in cluster.both:
+        for _ in range(8):
+            assert client_credentials(base, client.client_id, new_secret).status_code == 401
 
 
 def test_a_restriction_added_anywhere_applies_on_both_processes(cluster, server, make_user, make_client):
@@ -452,6 +466,9 @@ def test_a_restriction_added_anywhere_applies_on_both_processes(cluster, server,
         for base in cluster.both:
             wait_until(lambda base=base: refused_now(base), f"{base} enforces the new restriction", timeout=15)
         print(f"restriction enforced everywhere after {time.monotonic() - added:.2f} s")
+        time.sleep(max(0.0, added + POLL_EVERY + 0.5 - time.monotonic()))
+        for base in cluster.both:  # one poll interval later no worker has the old snapshot
+            assert all(refused_now(base) for _ in range(6))
     finally:
         with server.services.db.transaction() as session:
             session.delete(session.get(Restriction, restriction_id))
