@@ -110,6 +110,9 @@ class KeyService:
             if not force and self._fresh():
                 return
             now = int(time.time())
+            # The cache's age counts from the read, not from the end of the (slower) key
+            # import: what was read is never used longer than cache_seconds.
+            read_at = time.monotonic()
             session: Session = self._session_factory()
             try:
                 rows = list(session.scalars(select(SigningKey).order_by(SigningKey.created_at, SigningKey.id)))
@@ -131,7 +134,7 @@ class KeyService:
             if jwks != self._jwks:
                 self._jwks = jwks
                 self._public = KeySet.import_key_set(jwks)  # type: ignore[arg-type]
-            self._loaded_at = time.monotonic()
+            self._loaded_at = read_at
 
     def signing_key(self, alg: str = RS256) -> SigningJWK:
         """The current key for ``alg``; the RS256 one while there is no current ``alg`` key

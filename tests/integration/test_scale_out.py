@@ -354,16 +354,16 @@ def test_a_key_rotation_is_published_and_used_by_both_processes(cluster, make_us
     assert new_kid and new_kid != old_kid
     rotated = time.monotonic()
     # Each process (and each of its gunicorn workers) publishes it within the key cache
-    # time (IDP_KEY_CACHE_SECONDS=1; a little more for the polling and a loaded machine).
+    # time (IDP_KEY_CACHE_SECONDS=1): the generous timeout is for a loaded machine; once
+    # one cache time has passed since the rotation, no worker signs or publishes from
+    # what it read before (a reload's age counts from its database read).
     for base in cluster.both:
         wait_until(lambda base=base: all(new_kid in kids(base) for _ in range(4)), f"{base} publishes {new_kid}",
-                   timeout=5)
-    assert time.monotonic() - rotated < 5
+                   timeout=30)
+    time.sleep(max(0.0, rotated + 1.5 - time.monotonic()))
     for base in cluster.both:
-        assert {old_kid, new_kid} <= kids(base)
-    # Signing follows the same cache: from key_cache_seconds after the rotation every
-    # process and worker signs with the new key.
-    time.sleep(max(0.0, rotated + 1.2 - time.monotonic()))
+        for _ in range(6):
+            assert {old_kid, new_kid} <= kids(base)
 
     # New tokens are signed with the new key by either process (a code redeemed at B, a
     # refresh at A) and verify on both.

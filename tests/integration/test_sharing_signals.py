@@ -84,8 +84,9 @@ def proxied(server: LiveServer, database_url: str, redis_url: str) -> Iterator[L
 
 @pytest.fixture(scope="module")
 def short_windows(server: LiveServer, database_url: str, redis_url: str) -> Iterator[LiveServer]:
-    """Windows of a few seconds, so that "long ago" is a short sleep away."""
-    live = _start(database_url, redis_url, sharing_concurrent_window_seconds=1, sharing_device_window_seconds=3,
+    """Windows of a few seconds, so that "long ago" is a short sleep away (long enough
+    that the sign-ins meant to fall inside one do so on a loaded machine)."""
+    live = _start(database_url, redis_url, sharing_concurrent_window_seconds=2, sharing_device_window_seconds=4,
                   sharing_max_devices=2)
     yield live
     _stop(live)
@@ -249,7 +250,7 @@ def test_sessions_at_once_from_places_far_apart_are_flagged(proxied, make_user, 
 def test_a_session_last_seen_before_the_window_does_not_count(short_windows, make_user):
     user = make_user()
     signed_in(short_windows, user, "198.51.100.7")
-    time.sleep(1.5)  # longer than the 1 s window: that session is not "at once" any more
+    time.sleep(2.5)  # longer than the 2 s window: that session is not "at once" any more
     signed_in(short_windows, user, HOME_IP)
     assert flags(short_windows, user.id) == []
     # A third place right after the second is within the window of the second.
@@ -283,9 +284,11 @@ def test_many_devices_in_a_short_time_are_flagged(proxied, make_user):
 def test_devices_seen_before_the_window_are_forgotten(short_windows, make_user):
     user = make_user()
     sign_out(signed_in(short_windows, user, SCHOOL_IP, UA["firefox-linux"]))
-    time.sleep(1.8)
+    firefox_seen = time.monotonic()
+    time.sleep(2.0)
     sign_out(signed_in(short_windows, user, SCHOOL_IP, UA["chrome-windows"]))
-    time.sleep(1.8)  # Firefox is now older than the 3 s device window; Chrome is not
+    # Firefox is now older than the 4 s device window; Chrome (seen 2 s after it) is not.
+    time.sleep(max(0.0, firefox_seen + 4.2 - time.monotonic()))
     sign_out(signed_in(short_windows, user, SCHOOL_IP, UA["safari-iphone"]))
     assert flags(short_windows, user.id) == []  # two devices within the window: at the limit
     sign_out(signed_in(short_windows, user, SCHOOL_IP, UA["chrome-android"]))
