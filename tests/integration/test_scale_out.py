@@ -246,6 +246,12 @@ def wait_until(check: Any, what: str, timeout: float) -> float:
     return time.monotonic() - start
 
 
+def past_cache_time(since: float, cache_seconds: float) -> None:
+    """Sleep until one per-process cache time (and half a second) after ``since``: from
+    then on no worker acts on what it read before that moment."""
+    time.sleep(max(0.0, since + cache_seconds + 0.5 - time.monotonic()))
+
+
 # --- the tests ------------------------------------------------------------------------------
 def test_a_sign_in_on_one_process_is_a_session_on_the_other_and_codes_cross_over(cluster, make_user, make_client):
     person = make_user()
@@ -360,7 +366,7 @@ def test_a_key_rotation_is_published_and_used_by_both_processes(cluster, make_us
     for base in cluster.both:
         wait_until(lambda base=base: all(new_kid in kids(base) for _ in range(4)), f"{base} publishes {new_kid}",
                    timeout=30)
-    time.sleep(max(0.0, rotated + 1.5 - time.monotonic()))
+    past_cache_time(rotated, 1.0)  # IDP_KEY_CACHE_SECONDS of the cluster
     for base in cluster.both:
         for _ in range(6):
             assert {old_kid, new_kid} <= kids(base)
@@ -416,7 +422,7 @@ def test_an_app_changed_anywhere_is_seen_by_both_processes(cluster, server, make
     print(f"replaced secret refused everywhere after {time.monotonic() - changed:.2f} s")
     # A worker the requests above did not reach may keep the old row until its next poll;
     # one poll interval after the commit every worker reads the generation again.
-    time.sleep(max(0.0, changed + POLL_EVERY + 0.5 - time.monotonic()))
+    past_cache_time(changed, POLL_EVERY)
     for base in cluster.both:
         for _ in range(8):
             assert client_credentials(base, client.client_id, client.client_secret).status_code == 401
@@ -430,7 +436,7 @@ def test_an_app_changed_anywhere_is_seen_by_both_processes(cluster, server, make
             client_credentials(base, client.client_id, new_secret).status_code == 401 for _ in range(6)),
             f"{base} refuses the disabled app", timeout=15)
     print(f"disabled app refused everywhere after {time.monotonic() - changed:.2f} s")
-    time.sleep(max(0.0, changed + POLL_EVERY + 0.5 - time.monotonic()))
+    past_cache_time(changed, POLL_EVERY)
     for base in cluster.both:
         for _ in range(8):
             assert client_credentials(base, client.client_id, new_secret).status_code == 401
@@ -466,7 +472,7 @@ def test_a_restriction_added_anywhere_applies_on_both_processes(cluster, server,
         for base in cluster.both:
             wait_until(lambda base=base: refused_now(base), f"{base} enforces the new restriction", timeout=15)
         print(f"restriction enforced everywhere after {time.monotonic() - added:.2f} s")
-        time.sleep(max(0.0, added + POLL_EVERY + 0.5 - time.monotonic()))
+        past_cache_time(added, POLL_EVERY)
         for base in cluster.both:  # one poll interval later no worker has the old snapshot
             assert all(refused_now(base) for _ in range(6))
     finally:
